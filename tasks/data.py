@@ -18,7 +18,7 @@ import pandas as pd
 from tasks.config import DataConfig, RunConfig
 from tasks.files import atomic_dir, read_json, sha256_json, write_json
 from tasks.report import data_report
-from tasks.sources import DataError, RawData, load_source
+from tasks.sources import DataError, RawData, load_source, source_files, source_hashes
 
 DATA_STAGE_VERSION = "1"
 SPLITS = ("train", "validation", "test")
@@ -408,24 +408,34 @@ def data_warnings(raw_frames: dict, splits: dict, task: str, labels: list[str], 
     return warnings
 
 
-def dataset_fingerprint(raw: RawData, cfg: DataConfig) -> str:
-    """Hash of the raw bytes and the settings that shape the output (not the paths)."""
+def dataset_fingerprint(cfg: DataConfig, hashes: dict[str, str] | None = None) -> str:
+    """Hash of the raw bytes and the settings that shape the output (not the paths). Reads no rows."""
     settings = cfg.model_dump(mode="json", exclude={"source"})
-    split_of = {p.file: p.split for p in raw.parts}
-    sources = sorted((str(split_of.get(f)), sha) for f, sha in raw.sources.items())
+    hashes = source_hashes(cfg.source) if hashes is None else hashes
+    if isinstance(cfg.source, str) and cfg.source.startswith("hf://"):
+        sources = [("hf", cfg.source)]
+    else:
+        split_of = {str(path): split for split, path in source_files(cfg.source)[1]}
+        sources = sorted((str(split_of.get(f)), sha) for f, sha in hashes.items())
     return sha256_json({"sources": sources, "settings": settings, "version": DATA_STAGE_VERSION})[:20]
+
+
+def dataset_dir(cfg: RunConfig) -> Path:
+    """Where the prepared dataset for this config lives (or will): cheap, no rows read."""
+    return cfg.workspace_path() / "datasets" / dataset_fingerprint(cfg.data)
 
 
 def prepare_dataset(cfg: RunConfig) -> PreparedData:
     """Load, validate, split and weight; write `<workspace>/datasets/<fingerprint>/` once."""
     t0 = time.perf_counter()
     dcfg = cfg.data
-    raw = load_source(dcfg.source)
-    fp = dataset_fingerprint(raw, dcfg)
+    hashes = source_hashes(dcfg.source)
+    fp = dataset_fingerprint(dcfg, hashes)
     final = cfg.workspace_path() / "datasets" / fp
     if (final / "manifest.json").exists():
         m = read_json(final / "manifest.json")
         return PreparedData(str(final), fp, m["task"], m["labels"], {s: v["rows"] for s, v in m["splits"].items()}, True)
+    raw = load_source(dcfg.source, hashes)
 
     frames, task, labels, _ = validate(raw, dcfg)
     splits, notes = make_splits(frames, task, labels, dcfg)

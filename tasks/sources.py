@@ -170,44 +170,57 @@ def _from_dataset_dict(ds, label: str) -> RawData:
     return RawData(parts, sources)
 
 
-def load_source(source: str | dict[str, str]) -> RawData:
-    """Read `data.source` in any of its forms. Paths are relative to the current directory."""
+def source_files(source: str | dict[str, str]) -> tuple[str, list[tuple[str | None, Path]]]:
+    """Where `data.source` lives, without reading it: (kind, [(split or None, path)]).
+
+    kind is "files", "saved" (a `datasets.save_to_disk` folder) or "hf". Raises DataError for
+    missing paths, so a bad source fails before any work.
+    """
     if isinstance(source, dict):
-        parts, sources, missing = [], {}, []
-        for split, file in source.items():
-            path = Path(file)
-            if not path.is_file():
-                missing.append(f"data.source.{split}: file {path} does not exist; fix: check the path (relative to {Path.cwd()})")
-                continue
+        missing = [
+            f"data.source.{split}: file {file} does not exist; fix: check the path (relative to {Path.cwd()})"
+            for split, file in source.items() if not Path(file).is_file()
+        ]
         if missing:
             raise DataError(missing)
-        for split, file in source.items():
-            path = Path(file)
-            parts.append(RawPart(split, str(path), read_table(path)))
-            sources[str(path)] = sha256_file(path)
-        return RawData(parts, sources)
-
+        return "files", [(split, Path(file)) for split, file in source.items()]
     if source.startswith("hf://"):
-        return _load_hf(source)
-
+        return "hf", []
     path = Path(source)
     if not path.exists():
         _fail(f"data.source: {path} does not exist; fix: check the path (relative to {Path.cwd()})")
     if path.is_file():
-        return RawData([RawPart(None, str(path), read_table(path))], {str(path): sha256_file(path)})
-
+        return "files", [(None, path)]
     if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
-        import datasets
-
-        ds = datasets.load_from_disk(str(path))
-        raw = _from_dataset_dict(ds, str(path))
-        raw.sources = {str(path): sha256_tree(path)}
-        return raw
-
+        return "saved", [(None, path)]
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in SUPPORTED)
     if not files:
         _fail(f"data.source: folder {path} holds no {', '.join(SUPPORTED)} files; fix: add data files or point at one")
     names = [_split_name(f.stem) for f in files]
     use_splits = all(names) and len(set(names)) == len(names)
-    parts = [RawPart(n if use_splits else None, str(f), read_table(f)) for f, n in zip(files, names)]
-    return RawData(parts, {str(f): sha256_file(f) for f in files})
+    return "files", [(n if use_splits else None, f) for f, n in zip(files, names)]
+
+
+def source_hashes(source: str | dict[str, str]) -> dict[str, str]:
+    """file -> sha256 of its bytes (a saved folder: hash of its files; hf://: the id, hashed at load)."""
+    kind, files = source_files(source)
+    if kind == "hf":
+        return {}
+    if kind == "saved":
+        return {str(files[0][1]): sha256_tree(files[0][1])}
+    return {str(path): sha256_file(path) for _, path in files}
+
+
+def load_source(source: str | dict[str, str], hashes: dict[str, str] | None = None) -> RawData:
+    """Read `data.source` in any of its forms. Paths are relative to the current directory."""
+    kind, files = source_files(source)
+    if kind == "hf":
+        return _load_hf(source)
+    hashes = hashes if hashes is not None else source_hashes(source)
+    if kind == "saved":
+        import datasets
+
+        raw = _from_dataset_dict(datasets.load_from_disk(str(files[0][1])), str(files[0][1]))
+        raw.sources = hashes
+        return raw
+    return RawData([RawPart(split, str(path), read_table(path)) for split, path in files], hashes)

@@ -1,17 +1,13 @@
 #!/usr/bin/env python3
 """Generate the bundled demo dataset: synthetic customer-support messages.
 
-The messages are written for a fictional smart-home company, "Lumora Home",
-and labelled with one of six intents. Everything is produced by this script
-(standard library only); no outside data is used.
+Messages to "Lumora Home", a fictional smart-home company, labelled with one of
+six intents. Written by this script alone (standard library, fixed seed, so the
+output is byte-identical on every run); no outside data is used.
 
     python data/demo/make_demo.py              # writes data/demo/train.csv
     python data/demo/make_demo.py --out x.csv  # writes somewhere else
-
-The output is deterministic: same script, same bytes.
 """
-
-from __future__ import annotations
 
 import argparse
 import csv
@@ -24,12 +20,11 @@ SEED = 20261128
 CLASS_COUNTS = {"billing": 300, "technical_issue": 165, "shipping": 125,
                 "account_access": 120, "refund": 50, "feedback": 40}
 
-HARD_RATE = 0.25     # share of messages whose main sentence comes from HARD
+HARD_RATE = 0.20     # share of messages whose main sentence comes from HARD
 FRAME_RATE = 0.40    # share of messages built from a shared FRAME
 SHORT_RATE = 0.12    # chance of a bare one-sentence message
-SECOND_RATE = 0.15   # chance of a second sentence of the same class
 MENTION_RATE = 0.65  # chance (x3) of a remark about a confusable topic
-CONTEXT_RATE = 0.35  # chance of one neutral context sentence
+CONTEXT_RATE = 0.35  # chance of one neutral remark (no label cue)
 TYPO_RATE = 0.06     # chance of one small typo
 MAX_WORDS = 60       # longer candidates are dropped
 
@@ -37,19 +32,16 @@ SLOTS = {
     "product": ["Lumora Hub", "Hub Mini", "Glow Bulb", "Glow Strip", "Cam Mini", "Cam Pro",
                 "Doorbell 2", "Smart Plug", "Thermo One", "Motion Sensor", "Door Sensor",
                 "Breeze Monitor", "Smart Lock", "Chime Speaker"],
-    "plan": ["Plus plan", "Premium plan", "Family plan", "Cloud Video plan", "annual plan",
-             "monthly plan", "Basic plan"],
+    "plan": ["Plus plan", "Premium plan", "Family plan", "Cloud Video plan", "Basic plan"],
     "device": ["iPhone 13", "iPhone 15", "Pixel 7", "Pixel 8", "Galaxy S23", "Galaxy A54", "iPad",
                "OnePlus 11", "Android tablet", "MacBook", "Windows laptop", "Chromebook"],
     "carrier": ["UPS", "FedEx", "DHL", "USPS", "the courier", "Royal Mail", "DPD"],
     "err": ["E102", "E-45", "0x80f3", "ERR_TIMEOUT", "503", "E7", "SYNC_FAIL", "code 12", "E-208"],
     "days": ["two", "three", "four", "five", "six", "ten", "several"],
     "card": ["Visa", "Mastercard", "Amex", "debit card", "PayPal account", "credit card"],
-    "room": ["kitchen", "living room", "garage", "hallway", "bedroom", "office", "porch",
-             "basement"],
+    "room": ["kitchen", "living room", "garage", "hallway", "bedroom", "office", "porch"],
 }
-MONTHS = ["Jan", "Feb", "March", "April", "May", "June", "July", "Aug", "Sept", "Oct", "Nov",
-          "Dec"]
+MONTHS = "Jan Feb March April May June July Aug Sept Oct Nov Dec".split()
 GREETINGS = ["", "", "", "", "Hi,", "Hello,", "Hi there,", "Hey,", "Good morning,", "Hello team,",
              "Dear support,", "hi", "Hi Lumora,", "Good afternoon,"]
 CLOSINGS = ["", "", "", "", "", "Thanks.", "Thank you!", "Thanks in advance.", "Cheers",
@@ -62,23 +54,23 @@ def sections(block: str) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for line in block.strip().splitlines():
         if line.startswith("## "):
-            key = line[3:].strip()
-            out[key] = []
+            out[key := line[3:].strip()] = []
         elif line.strip():
             out[key].extend(t.strip() for t in line.split(" | "))
     return out
 
 
-# Neutral context that any class can carry (adds length, no label cue).
-CONTEXT = sections("""
-## any
-I have been a customer for {days} years. | Not sure if this is the right place to ask.
-This is my second message about this. | My partner also uses the account.
-I set everything up in the {room} last week. | We have a few {product} devices in the house.
-I am writing from my {device}. | I already checked the help pages. | I would prefer an email reply.
-It is for the {product} we bought for my parents. | Your chat was closed so I am emailing instead.
-Sorry for the long message.
-""")["any"]
+def frames(block: str) -> list[tuple[str, dict[str, list[str]]]]:
+    """Parse '## frame with {cue}' headers followed by 'label: cue | cue' lines."""
+    out: list[tuple[str, dict[str, list[str]]]] = []
+    for line in block.strip().splitlines():
+        if line.startswith("## "):
+            out.append((line[3:].strip(), {}))
+        else:
+            label, cues = line.split(": ", 1)
+            out[-1][1].setdefault(label, []).extend(c.strip() for c in cues.split(" | "))
+    return out
+
 
 # Main templates. Many share words on purpose (charge, order, app, login,
 # return) so that a classifier has to use combinations, not a single word.
@@ -94,7 +86,6 @@ How do I switch from the {plan} to the {plan2}? | Can I get a VAT receipt for th
 Please cancel the {plan} before the next billing date.
 The price shown in the app was lower than what I paid.
 I want to change my billing address. | I am being charged for a {product} camera slot I do not use.
-When will I be billed for the {plan}? The app says {date}.
 My payment failed but the money still left my account.
 The promo code did not apply at checkout and I paid full price for the {product}.
 I see two pending payments of {amount}, will one drop off?
@@ -114,7 +105,6 @@ Cannot add the {product} to the hub, it times out with {err}.
 Recordings from the {product} are missing for {date}.
 Temperature reading on the {product} is off by {days} degrees.
 Notifications stopped working after I updated my {device}.
-Everything worked until the {product} rebooted, now it just hangs.
 The app shows {err} when I try to load the camera history.
 ## shipping
 Where is my order {order}? It was supposed to arrive on {date}.
@@ -126,7 +116,6 @@ Do you ship to Canada? | My order {order} only had the {product}, the {product2}
 Wrong item in my parcel, I got a {product} instead of a {product2}. | Has my {product} shipped yet?
 How long does standard delivery take? | The tracking link in the email for {order} does not work.
 The package was sent back to you by {carrier}, can you resend it? | My parcel is stuck in customs.
-Can I pick up the order instead of waiting for delivery?
 Order {order} still says processing after {days} days.
 {carrier} left a note but I was home all day. | Can you hold my shipment until I am back on {date}?
 I ordered express shipping but it came standard.
@@ -143,7 +132,6 @@ I want to delete my Lumora account and all my data.
 My wife cannot accept the invite to share the home.
 Sign in with Apple gives error {err}. | I no longer have access to the email I signed up with.
 Login page just reloads on my {device}. | I got a new {device} and now my account shows no devices.
-Please remove my old phone number from the account.
 The app says my account does not exist but I have used it for years.
 Can't sign in after changing my password yesterday.
 ## refund
@@ -237,51 +225,41 @@ The {product} is good but the app could show more history.
 """)
 
 # Shared frames: one sentence shape for several classes; only the short cue
-# phrase decides the label.
-FRAMES = [
-    ("I was charged {amount} for order {order} and {cue}", {
-        "billing": ["the invoice shows a different amount.", "I need a proper invoice for it.",
-                    "it was billed to the wrong {card}.", "then charged again a day later."],
-        "refund": ["I would like that money back.", "I returned it, so please refund me.",
-                   "I cancelled it the same day, please reimburse me."],
-        "shipping": ["it still has not shipped.", "the parcel has not arrived.",
-                     "the tracking shows nothing."],
-        "feedback": ["honestly checkout was really smooth.", "the price felt fair, good job."]}),
-    ("Since the latest app update on my {device}, {cue}", {
-        "technical_issue": ["the {product} no longer shows live video.",
-                            "the {product} will not pair.", "my automations do not run.",
-                            "the {product} shows {err}."],
-        "account_access": ["I cannot sign in at all.", "it keeps rejecting my password.",
-                           "the two-factor code is never accepted."],
-        "billing": ["it says I owe {amount} for the {plan}.",
-                    "my subscription is listed as unpaid."],
-        "feedback": ["everything feels faster, nice work.",
-                     "I cannot find the room view, please bring it back."]}),
-    ("About the {product} from order {order}: {cue}", {
-        "shipping": ["it has not been delivered.", "{carrier} seems to have lost it.",
-                     "it went to my old address."],
-        "refund": ["I sent it back and want my money.", "please refund it, not what I expected."],
-        "technical_issue": ["it will not connect to wifi.", "it shows error {err}."],
-        "feedback": ["it looks great, thanks.", "the setup guide was excellent."],
-        "billing": ["I need the receipt for my expenses.", "the tax on the invoice looks wrong."]}),
-    ("I contacted you on {date} about {cue} and still nothing.", {
-        "refund": ["my refund", "the money for my return"],
-        "shipping": ["my missing parcel", "the delivery of order {order}"],
-        "billing": ["the double charge", "my invoice", "the price increase"],
-        "account_access": ["my locked account", "the login problem"],
-        "technical_issue": ["the {product} going offline", "error {err}"]}),
-    ("My {plan} account {cue}", {
-        "account_access": ["is locked and the reset link does not work.",
-                           "was taken over, the email is not mine."],
-        "billing": ["was billed {amount} instead of the usual price.",
-                    "shows two active subscriptions."],
-        "technical_issue": ["is fine but the {product} will not stream.",
-                            "works but clips never upload."],
-        "feedback": ["is great value, keep it up.", "should include more cloud days."]}),
-]
+# phrase ("label: cue | cue") decides the label.
+FRAMES = frames("""
+## I was charged {amount} for order {order} and {cue}
+billing: the invoice shows a different amount. | I need a proper invoice for it.
+billing: it was billed to the wrong {card}. | then charged again a day later.
+refund: I want that money back. | I returned it, please refund me. | I cancelled, reimburse me.
+shipping: it still has not shipped. | the parcel has not arrived. | the tracking shows nothing.
+feedback: honestly checkout was really smooth. | the price felt fair, good job.
+## Since the latest app update on my {device}, {cue}
+technical_issue: the {product} no longer shows live video. | the {product} will not pair.
+technical_issue: my automations do not run. | the {product} shows {err}.
+account_access: I cannot sign in at all. | it rejects my password. | the 2FA code never works.
+billing: it says I owe {amount} for the {plan}. | my subscription is listed as unpaid.
+feedback: everything feels faster, nice work. | I cannot find the room view, please bring it back.
+## About the {product} from order {order}: {cue}
+shipping: it has not been delivered. | {carrier} lost it. | it went to my old address.
+refund: I sent it back and want my money. | please refund it, not what I expected.
+technical_issue: it will not connect to wifi. | it shows error {err}.
+feedback: it looks great, thanks. | the setup guide was excellent.
+billing: I need the receipt for my expenses. | the tax on the invoice looks wrong.
+## I contacted you on {date} about {cue} and still nothing.
+refund: my refund | the money for my return
+shipping: my missing parcel | the delivery of order {order}
+billing: the double charge | my invoice | the price increase
+account_access: my locked account | the login problem
+technical_issue: the {product} going offline | error {err}
+## My {plan} account {cue}
+account_access: is locked, the reset link fails. | was hacked, the email is not mine.
+billing: was billed {amount} instead of the usual price. | shows two active subscriptions.
+technical_issue: is fine but the {product} will not stream. | works but clips never upload.
+feedback: is great value, keep it up. | should include more cloud days.
+""")
 
-# Background remarks about other topics. Each class gets remarks from the
-# topics it is most easily confused with (billing vs refund, app vs login...).
+# Background remarks. Each class gets remarks that use the vocabulary of the
+# classes it is easily confused with, including negated ones ("login works").
 MENTIONS = sections("""
 ## money
 I paid {amount} with my {card}. | My bank shows {amount} from you. | I am on the {plan}.
@@ -294,26 +272,41 @@ The order number is {order}. | It came with {carrier}. | The box arrived on {dat
 I use the app on my {device}. | I reinstalled the app already. | The app is up to date.
 The app showed {err} once. | I already logged out and back in. | My password is saved in the app.
 ## return
-I still have the box in case I need to send it back.
-I returned a {product2} before and that was easy.
+I still have the box if I need to send it back. | I returned a {product2} before, that was easy.
 I do not want to send it back if I can avoid it.
+## neutral
+I have been a customer for {days} years. | Not sure if this is the right place to ask.
+This is my second message about this. | My partner also uses the account.
+I set everything up in the {room} last week. | We have a few {product} devices in the house.
+I am writing from my {device}. | I already checked the help pages. | I would prefer an email reply.
+It is for the {product} we bought for my parents. | Your chat was closed so I am emailing instead.
+## no_billing
+The billing side is fine. | My invoice is correct. | The payment itself went through fine.
+## no_refund
+I do not want a refund. | No refund needed. | I am not asking for my money back.
+## no_shipping
+Delivery was on time. | The parcel arrived fine. | Shipping was quick.
+## no_tech
+The {product} itself works fine. | No errors in the app. | The device is working.
+## no_account
+I can log in fine. | My login works. | The account itself is fine.
 ## praise
 Otherwise I love the {product}. | Your products are usually great. | Not angry, just confused.
 """)
-CONFUSABLE = {
-    "billing": ["money", "return", "app", "order"],
-    "technical_issue": ["app", "order", "money"],
-    "shipping": ["order", "money", "return"],
-    "account_access": ["app", "money"],
-    "refund": ["money", "order", "app"],
-    "feedback": ["praise", "app", "order", "money"],
+CONFUSABLE = {  # topics of remarks; "no_x" = saying what the problem is *not*
+    "billing": ["order", "return", "app", "no_refund", "no_tech", "no_account"],
+    "refund": ["app", "order", "praise", "no_billing", "no_shipping", "no_tech"],
+    "technical_issue": ["money", "order", "return", "praise", "no_account", "no_shipping",
+                        "no_billing"],
+    "shipping": ["money", "app", "return", "praise", "no_refund", "no_billing"],
+    "account_access": ["money", "order", "praise", "no_tech", "no_billing"],
+    "feedback": ["money", "order", "app", "return", "no_tech", "no_shipping", "no_refund"],
 }
 
 
 def fill(template: str, rng: random.Random) -> str:
     vals = {k: rng.choice(v) for k, v in SLOTS.items()}
-    vals["product2"] = rng.choice(SLOTS["product"])
-    vals["plan2"] = rng.choice(SLOTS["plan"])
+    vals.update(product2=rng.choice(SLOTS["product"]), plan2=rng.choice(SLOTS["plan"]))
     vals["order"] = rng.choice(["#", "LH-", "", "#LH"]) + str(rng.randint(100000, 999999))
     cur, cents = rng.choice(["$", "$", "£", "€"]), rng.choice(["00", "99", "49", "95"])
     vals["amount"] = f"{cur}{rng.randint(3, 249)}.{cents}"
@@ -331,26 +324,20 @@ def typo(text: str, rng: random.Random) -> str:
     if not idx:
         return text
     i = rng.choice(idx)
-    w, j, kind = words[i], rng.randrange(1, len(words[i]) - 1), rng.random()
-    if kind < 0.4:
-        w = w[:j] + w[j + 1] + w[j] + w[j + 2:]
-    elif kind < 0.7:
-        w = w[:j] + w[j + 1:]
-    else:
-        w = w[:j] + w[j] + w[j:]
-    words[i] = w
+    w, j = words[i], rng.randrange(1, len(words[i]) - 1)
+    words[i] = rng.choice([w[:j] + w[j + 1] + w[j] + w[j + 2:],  # swap two letters
+                           w[:j] + w[j + 1:], w[:j] + w[j] + w[j:]])  # drop / double one
     return " ".join(words)
 
 
 def style(text: str, rng: random.Random) -> str:
+    """Occasionally all lower case, no final punctuation, or (if short) shouting."""
     r = rng.random()
     if r < 0.08:
         return text.lower()
     if r < 0.12:
         return text.rstrip(".!?")
-    if r < 0.14 and len(text) < 60:
-        return text.upper()
-    return text
+    return text.upper() if r < 0.14 and len(text) < 60 else text
 
 
 def message(label: str, rng: random.Random) -> str:
@@ -365,16 +352,12 @@ def message(label: str, rng: random.Random) -> str:
     parts = [fill(template, rng)]
     if rng.random() < SHORT_RATE:  # terse one-liner, no extras
         return style(parts[0], rng)
-    if rng.random() < SECOND_RATE:
-        extra = rng.choice(TEMPLATES[label])
-        if extra != template:
-            parts.append(fill(extra, rng))
     n_mentions = sum(rng.random() < MENTION_RATE for _ in range(3))
     topics = CONFUSABLE[label]
     for topic in rng.sample(topics, min(n_mentions, len(topics))):
         parts.insert(rng.randrange(len(parts) + 1), fill(rng.choice(MENTIONS[topic]), rng))
     if rng.random() < CONTEXT_RATE:
-        parts.insert(rng.randrange(len(parts) + 1), fill(rng.choice(CONTEXT), rng))
+        parts.insert(rng.randrange(len(parts) + 1), fill(rng.choice(MENTIONS["neutral"]), rng))
     text = " ".join(p for p in [rng.choice(GREETINGS), *parts, rng.choice(CLOSINGS)] if p)
     if rng.random() < TYPO_RATE:
         text = typo(text, rng)
@@ -390,19 +373,17 @@ def generate(seed: int = SEED) -> list[tuple[str, str]]:
         made = 0
         while made < n:
             text = message(label, rng)
-            if text in seen or len(text.split()) > MAX_WORDS:
-                continue
-            seen.add(text)
-            rows.append((text, label))
-            made += 1
+            if text not in seen and len(text.split()) <= MAX_WORDS:
+                seen.add(text)
+                rows.append((text, label))
+                made += 1
     rng.shuffle(rows)
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "train.csv",
-                    help="output CSV (default: train.csv next to this script)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "train.csv")
     args = ap.parse_args()
     rows = generate()
     args.out.parent.mkdir(parents=True, exist_ok=True)
