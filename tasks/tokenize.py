@@ -41,17 +41,23 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | N
     return tok
 
 
+def tokenized_dir(cfg: RunConfig, dataset_fp: str, tokenizer_dir: str) -> Path:
+    """Where the tokenized splits for (dataset, tokenizer content, max_length) live: cheap, no torch."""
+    key = sha256_json({
+        "dataset": dataset_fp,
+        "tokenizer": tokenizer_fingerprint(tokenizer_dir),
+        "max_length": cfg.data.max_length,
+        "version": TOKENIZE_VERSION,
+    })[:20]
+    return cfg.workspace_path() / "tokenized" / key
+
+
 def tokenize_dataset(prepared_dir: str, tokenizer_dir: str, cfg: RunConfig) -> TokenizedData:
     """Tokenize every split once per (dataset, tokenizer, max_length); returns where it lives."""
     manifest = read_json(Path(prepared_dir) / "manifest.json")
     max_length = cfg.data.max_length
-    key = sha256_json({
-        "dataset": manifest["fingerprint"],
-        "tokenizer": tokenizer_fingerprint(tokenizer_dir),
-        "max_length": max_length,
-        "version": TOKENIZE_VERSION,
-    })[:20]
-    final = cfg.workspace_path() / "tokenized" / key
+    final = tokenized_dir(cfg, manifest["fingerprint"], tokenizer_dir)
+    key = final.name
     if (final / "tokenized.json").exists():
         info = read_json(final / "tokenized.json")
         return TokenizedData(str(final), key, info["truncated_share"], True)
