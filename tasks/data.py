@@ -269,13 +269,15 @@ def _split_groups(df: pd.DataFrame, keys: pd.Series, sizes: dict[str, float], se
     counts = pd.Series(g_keys).value_counts()
     g_keys = np.where(pd.Series(g_keys).map(counts).to_numpy() >= 2, g_keys, "__rare__")
     assign: dict[str, np.ndarray] = {}
-    remaining, rem_keys, rem_share = g_index, g_keys, 1.0
+    remaining, rem_keys = g_index, g_keys
     for name, share in sizes.items():
         strat = rem_keys if pd.Series(rem_keys).value_counts().min() >= 2 else None
-        rest, took = train_test_split(remaining, test_size=share / rem_share, random_state=seed, stratify=strat)
+        take = max(1, int(round(share * len(g_index))))  # a count, not a float share: no rounding drift
+        if strat is not None:
+            take = max(take, pd.Series(strat).nunique())
+        _, took = train_test_split(remaining, test_size=min(take, len(remaining) - 1), random_state=seed, stratify=strat)
         mask = np.isin(remaining, took)
-        assign[name], remaining, rem_keys = took, rest, rem_keys[~mask]
-        rem_share -= share
+        assign[name], remaining, rem_keys = took, remaining[~mask], rem_keys[~mask]
     assign["train"] = remaining
     group_to_split = {}
     for name, idx in assign.items():

@@ -230,3 +230,11 @@ def test_demo_data_is_valid_and_imbalanced(workspace):
     counts = {k: sum(s["label_counts"][k] for s in m["splits"].values()) for k in m["labels"]}
     assert sum(counts.values()) >= 400 and len(counts) >= 4
     assert max(counts.values()) >= 3 * min(counts.values())
+
+
+def test_every_split_is_stratified(workspace, tmp_path):
+    """Validation and test both keep the class proportions (a 50/50/50 pool gives 5/5/5 per split)."""
+    r = prepare_dataset(_cfg(workspace, write_csv(tmp_path / "d.csv", toy_rows(150))))
+    m = _manifest(r)
+    for split in ("validation", "test"):
+        assert sorted(m["splits"][split]["label_counts"].values()) == [5, 5, 5], (split, m["splits"][split])
