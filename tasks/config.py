@@ -172,6 +172,12 @@ class TrainingConfig(_Section):
     seed: int = 42
     timeout_s: int = Field(6 * 3600, ge=10, description="Training child process is killed after this many seconds.")
     save_every_steps: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps (and each epoch).")
+    loss: Literal["auto", "cross_entropy", "bce", "mse"] = Field(
+        "auto", description="auto: cross_entropy (single_label), bce (multi_label), mse (regression); another pairing is an error."
+    )
+    gradient_checkpointing: bool | None = Field(
+        None, description="Recompute activations in backward (less memory, slower). None: on for qlora on a GPU, off otherwise."
+    )
 
 
 class EvaluationConfig(_Section):
@@ -180,17 +186,52 @@ class EvaluationConfig(_Section):
     )
     baselines: bool = Field(True, description="Also score majority and TF-IDF baselines on the same test split.")
     batch_size: int = Field(64, ge=1)
+    extra_metrics: list[str] = Field(
+        default_factory=list,
+        description="More `evaluate` metrics by name (`name` or `name:config`; Hub ids need a network) or local "
+        "folder; computed on test predictions, failures reported in the evaluation report.",
+    )
 
 
 class ExportConfig(_Section):
     onnx: bool = Field(False, description="Also export ONNX (with a parity check against torch).")
     merge_tolerance: float = Field(1e-3, gt=0, description="Max |logit difference| accepted between merged and adapter model.")
+    qlora_min_agreement: float = Field(
+        0.9, ge=0, le=1,
+        description="QLoRA: least share of test rows on which the merged 16/32-bit model predicts what the 4-bit adapter model does.",
+    )
+    verify_max_rows: int | None = Field(
+        None, ge=1, description="Test rows used to verify the merge (None: the whole test split)."
+    )
 
 
 class RegistryConfig(_Section):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Registered model name.")
     min_delta: float = Field(0.0, ge=0, description="A new version must beat production's primary metric by this much.")
     promote: bool = Field(True, description="Promote to production when the gate passes.")
+    promote_if_not_comparable: bool = Field(
+        False, description="Promote even when production was tested on a different test set (not comparable)."
+    )
+    lock_timeout_s: float = Field(600, gt=0, description="Seconds to wait for the registry lock of a model name.")
+
+
+class RetrainConfig(_Section):
+    """What a run triggered by new data (a `dataset.updated` event) does with the new file."""
+
+    policy: Literal["append", "replace"] = Field(
+        "append",
+        description="append: the new rows join the current data version's train rows and the earlier version's "
+        "test split stays fixed (metrics stay comparable); replace: the new file is the whole dataset.",
+    )
+    start_from: Literal["base", "production"] = Field(
+        "base",
+        description="base: train from model.name_or_path; production: continue from the production version's "
+        "adapter (adapter methods only; see docs/deployments.md for the current state).",
+    )
+    dataset_name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Name of the data-version log <workspace>/data-versions/<name>.json (None: registry.name).",
+    )
 
 
 class RunConfig(_Section):
@@ -204,6 +245,7 @@ class RunConfig(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
