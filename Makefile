@@ -25,3 +25,6 @@ test: $(STAMP)
 
 clean-workspace:
 	rm -rf workspace
+
+# Local Prefect server, work pool, deployments, worker and the new-data watcher (see README "Dashboard").
+include mk/server.mk

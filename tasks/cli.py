@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -23,6 +24,14 @@ data_app = typer.Typer(help="Data preparation.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect and check run configurations.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
+
+
+def _register_commands() -> None:
+    """Commands that live beside their stage (each module keeps torch imports inside its commands)."""
+    from tasks import cli_registry, cli_watch, evaluate
+
+    for module in (cli_registry, cli_watch, evaluate):
+        module.register(app)
 
 ConfigArg = Annotated[Path, typer.Argument(help="Run configuration (YAML).")]
 SetOpt = Annotated[
@@ -76,6 +85,91 @@ def data_prepare(config: ConfigArg, set_: SetOpt = None) -> None:
     typer.echo(f"  task: {result.task}; labels: {len(result.labels)}; rows: " + ", ".join(f"{k} {v}" for k, v in result.rows.items()))
     typer.echo(f"  manifest: {Path(result.path) / 'manifest.json'}")
     typer.echo(f"  report:   {Path(result.path) / 'report.md'}")
+
+
+def _run_flow(cfg: RunConfig, summary_json: Path | None, t0: float) -> dict:
+    """Run the finetune flow in this process (ephemeral Prefect unless PREFECT_API_URL is set)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    import flows.finetune as ff
+
+    marks = {"Completed": "[green]done[/]", "Cached": "[cyan]cached[/]", "Failed": "[red]failed[/]"}
+    status = console.status("starting Prefect ...")
+    status.start()
+
+    def show(stage: str, state: str, seconds: float) -> None:
+        if state == "Running":
+            status.update(f"{stage} ...")
+        else:
+            console.print(f"  {stage:<14} {marks.get(state, state)}  {seconds:.1f} s")
+
+    ff.on_stage = show
+    error: BaseException | None = None
+    try:
+        state = ff.finetune(cfg, return_state=True)
+        result = state.result(raise_on_failure=False)
+        if isinstance(result, BaseException):
+            error = result
+        summary = dict(ff.last_summary)
+        summary["state"] = state.name if state.is_completed() else "Failed"
+    except BaseException as exc:  # noqa: BLE001 - reported below and in the summary
+        error, summary = exc, dict(ff.last_summary, state="Failed")
+    finally:
+        status.stop()
+    summary["wall_s"] = round(time.perf_counter() - t0, 3)
+    if error is not None:
+        summary["error"] = f"{type(error).__name__}: {error}"
+    if summary_json:
+        from tasks.files import write_json
+
+        write_json(summary_json, summary)
+    if error is not None:
+        if isinstance(error, _user_errors()):
+            _fail(error)
+        typer.secho(f"error: the run failed: {summary['error']}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1)
+    return summary
+
+
+def _print_outcome(summary: dict) -> None:
+    typer.echo(f"run {summary['state']} in {summary['wall_s']:.1f} s")
+    primary = summary.get("primary_metric")
+    if primary:
+        typer.echo(f"  test {primary}: {summary['metrics'].get(primary, float('nan')):.4f}"
+                   + "".join(f"; {b} {v.get(primary, float('nan')):.4f}" for b, v in summary.get("baselines", {}).items()))
+    typer.echo(f"  model:  {summary.get('model_dir')}  (version {summary.get('version')}, "
+               f"{'promoted to production' if summary.get('promoted') else 'not promoted'})")
+    typer.echo(f"  report: {summary.get('report')}")
+
+
+@app.command("run")
+def run(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    summary_json: Annotated[Optional[Path], typer.Option("--summary-json", help="Write a machine-readable summary here.")] = None,
+) -> None:
+    """Run the whole pipeline as a Prefect flow: data, training, evaluation, export, registry."""
+    t0 = time.perf_counter()
+    cfg = _load(config, set_)
+    _print_outcome(_run_flow(cfg, summary_json, t0))
+
+
+@app.command("demo")
+def demo(
+    set_: SetOpt = None,
+    summary_json: Annotated[Optional[Path], typer.Option("--summary-json", help="Write a machine-readable summary here.")] = None,
+) -> None:
+    """Run the pipeline on the bundled demo data with the bundled MiniLM (configs/demo.yaml)."""
+    t0 = time.perf_counter()
+    path = Path("configs/demo.yaml")
+    if not path.exists():
+        _fail(ConfigError([("(file)", "configs/demo.yaml not found; run `finetune demo` from the project folder")]))
+    cfg = _load(path, set_)
+    _print_outcome(_run_flow(cfg, summary_json, t0))
+
+
+_register_commands()
 
 
 def main() -> None:
