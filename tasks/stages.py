@@ -123,25 +123,39 @@ def _loss_curve(run: Path) -> None:
 
 @contextlib.contextmanager
 def training_progress(config: RunConfig, run: Path, every_s: float = 2.0):
-    """A Prefect progress artifact updated from the run's metrics.jsonl while the child trains."""
+    """While the child trains: a Prefect progress artifact from the run's metrics.jsonl, and the child's
+    log lines (transformers, peft, the loop) forwarded into the task's run log."""
+    from prefect import get_run_logger
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     from tasks.artifacts import artifact_key
 
     epochs = config.training.epochs
+    logger = get_run_logger()
     try:
         artifact_id = create_progress_artifact(0.0, key=artifact_key(config.registry.name, "training-progress"),
                                                description="Training progress (epoch, step, loss)")
     except Exception:  # the dashboard is a view: never fail training because of it
-        yield
-        return
+        artifact_id = None
     stop = threading.Event()
+    offsets: dict[Path, int] = {}
+
+    def forward_logs():
+        for log in sorted((run / "logs").glob("attempt-*.log")) if (run / "logs").exists() else []:
+            with open(log, encoding="utf-8", errors="replace") as fh:
+                fh.seek(offsets.get(log, 0))
+                for line in fh:
+                    if line.strip() and "it/s]" not in line:  # progress bars stay out of the log
+                        logger.info("[train %s] %s", log.stem, line.rstrip()[:500])
+                offsets[log] = fh.tell()
 
     def poll():
         seen = 0.0
         while not stop.wait(every_s):
+            with contextlib.suppress(Exception):
+                forward_logs()
             last = _last_step(run / "metrics.jsonl")
-            if last and last.get("epoch") is not None:
+            if artifact_id and last and last.get("epoch") is not None:
                 pct = min(100.0, 100.0 * float(last["epoch"]) / epochs)
                 if pct != seen:
                     seen = pct
@@ -157,7 +171,10 @@ def training_progress(config: RunConfig, run: Path, every_s: float = 2.0):
         stop.set()
         thread.join(timeout=5)
         with contextlib.suppress(Exception):
-            update_progress_artifact(artifact_id, 100.0, description="training finished")
+            forward_logs()
+        if artifact_id:
+            with contextlib.suppress(Exception):
+                update_progress_artifact(artifact_id, 100.0, description="training finished")
 
 
 def _last_step(path: Path) -> dict | None:
@@ -219,7 +236,7 @@ TRAIN = Stage("train", train, _train_key, ("tasks.train", "tasks.train_worker", 
               retries=2, timeout_s=None, description="Train in a child process; a retry resumes from the last checkpoint.")
 EVALUATE = Stage("evaluate", evaluate, _evaluate_key, ("tasks.evaluate", "tasks.baselines", "tasks.plots"), retries=1,
                  timeout_s=3600, description="Score the held-out test split, with baselines.")
-EXPORT = Stage("export", export, _export_key, ("tasks.export", "tasks.model_card"), retries=1, timeout_s=3600,
+EXPORT = Stage("export", export, _export_key, ("tasks.export", "tasks.model_card", "tasks.predict", "tasks.registry"), retries=1, timeout_s=3600,
                description="Merge adapters (verified) and export a Hugging Face folder with its model card.")
 REGISTER = Stage("register", register, _register_key, ("tasks.registry",), retries=2, timeout_s=900,
                  description="Register a new version; promote it if it beats production.")
