@@ -47,10 +47,27 @@ def resolve_model(cfg: ModelConfig) -> str:
                 f"model.name_or_path: {p} has no safetensors weights (model.safetensors){extra}; "
                 "fix: save the model with save_pretrained(safe_serialization=True)"
             )
+        _check_remote_code(p, cfg)
         return str(p.resolve())
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelSourceError(f"model.name_or_path: folder {name} does not exist; fix: check the path")
     return name
+
+
+def _check_remote_code(folder: Path, cfg: ModelConfig) -> None:
+    """A checkpoint that ships its own modelling code runs it at load: only with explicit consent."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"model.name_or_path: {folder / 'config.json'} is not valid JSON ({exc}); fix: re-save the model") from None
+    if config.get("auto_map") and not cfg.trust_remote_code:
+        raise ModelSourceError(
+            f"model.name_or_path: {folder} ships its own code (auto_map in config.json: "
+            f"{', '.join(sorted(config['auto_map']))}) and model.trust_remote_code is false; "
+            "fix: review that code, then set model.trust_remote_code=true, or use a model transformers supports natively"
+        )
 
 
 def model_fingerprint(cfg: ModelConfig) -> str:

@@ -17,11 +17,18 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
+import logging
+import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from prefect.cache_policies import CachePolicy
+from prefect.locking.filesystem import FileSystemLockManager
+
+log = logging.getLogger("finetune.caching")
 
 KeyFn = Callable[..., tuple[str, Path]]
 
@@ -58,14 +65,63 @@ class StageCache(CachePolicy):
         return cache_key
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ProcessLockManager(FileSystemLockManager):
+    """File locks that also record the holder's host and pid, so a lock left by a killed process
+    (SIGKILL, OOM killer, power loss of a worker) is recognised as stale instead of blocking forever."""
+
+    def _stamp(self, key: str) -> None:
+        path = Path(self._lock_path_for_key(key))
+        try:
+            info = json.loads(path.read_bytes() or b"{}")
+            info.update(pid=os.getpid(), host=socket.gethostname())
+            path.write_text(json.dumps(info))
+        except (OSError, ValueError):
+            pass
+
+    def acquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None) -> bool:
+        ok = super().acquire_lock(key, holder, acquire_timeout, hold_timeout)
+        if ok:
+            self._stamp(key)
+        return ok
+
+    async def aacquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None) -> bool:
+        ok = await super().aacquire_lock(key, holder, acquire_timeout, hold_timeout)
+        if ok:
+            self._stamp(key)
+        return ok
+
+    def is_locked(self, key: str, use_cache: bool = False) -> bool:
+        path = Path(self._lock_path_for_key(key))
+        try:
+            info = json.loads(path.read_bytes() or b"{}")
+        except (OSError, ValueError):
+            info = {}
+        pid = info.get("pid")
+        if pid and info.get("host") == socket.gethostname() and pid != os.getpid() and not _alive(int(pid)):
+            log.warning("removing stale lock %s: its holder (pid %s) is gone", path.name, pid)
+            path.unlink(missing_ok=True)
+            self._locks.pop(key, None)
+            return False
+        return super().is_locked(key, use_cache=use_cache)
+
+
 def stage_policy(stage: str, key_fn: KeyFn, modules: tuple[str, ...], workspace: Path) -> StageCache:
     """A StageCache storing its records under the workspace, serializable with file locks."""
-    from prefect.locking.filesystem import FileSystemLockManager
     from prefect.transactions import IsolationLevel
 
     records = workspace / "prefect" / "cache-keys"
     return StageCache(stage=stage, key_fn=key_fn, modules=modules, records_dir=str(records)).configure(
         key_storage=str(records),
-        lock_manager=FileSystemLockManager(lock_files_directory=workspace / "prefect" / "locks"),
+        lock_manager=ProcessLockManager(lock_files_directory=workspace / "prefect" / "locks"),
         isolation_level=IsolationLevel.SERIALIZABLE,
     )

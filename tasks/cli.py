@@ -87,6 +87,42 @@ def data_prepare(config: ConfigArg, set_: SetOpt = None) -> None:
     typer.echo(f"  report:   {Path(result.path) / 'report.md'}")
 
 
+def _check_writable(path: Path | None) -> None:
+    """Fail before the run, not after it, when the summary cannot be written."""
+    if path is None:
+        return
+    import os
+    import tempfile
+
+    parent = path.expanduser().resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        _fail(ConfigError([("--summary-json", f"cannot write {path} ({exc.strerror or exc}); fix: choose a writable path")]))
+
+
+class _NoTracebackForUserErrors:
+    """Logging filter: a user's mistake (bad config, data or model) is reported plainly, without a traceback."""
+
+    def filter(self, record) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], _user_errors()):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_user_error_tracebacks() -> None:
+    import logging
+
+    f = _NoTracebackForUserErrors()
+    for name in ("", "prefect", "prefect.task_runs", "prefect.flow_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if f not in handler.filters:
+                handler.addFilter(f)
+
+
 def _run_flow(cfg: RunConfig, summary_json: Path | None, t0: float) -> dict:
     """Run the finetune flow in this process (ephemeral Prefect unless PREFECT_API_URL is set)."""
     from rich.console import Console
@@ -105,6 +141,7 @@ def _run_flow(cfg: RunConfig, summary_json: Path | None, t0: float) -> dict:
             console.print(f"  {stage:<14} {marks.get(state, state)}  {seconds:.1f} s")
 
     ff.on_stage = show
+    _quiet_user_error_tracebacks()
     error: BaseException | None = None
     try:
         state = ff.finetune(cfg, return_state=True)
@@ -118,12 +155,16 @@ def _run_flow(cfg: RunConfig, summary_json: Path | None, t0: float) -> dict:
     finally:
         status.stop()
     summary["wall_s"] = round(time.perf_counter() - t0, 3)
+    summary["heavy_modules_imported"] = [m for m in ("torch", "transformers") if m in sys.modules]
     if error is not None:
         summary["error"] = f"{type(error).__name__}: {error}"
     if summary_json:
         from tasks.files import write_json
 
-        write_json(summary_json, summary)
+        try:
+            write_json(summary_json, summary)
+        except OSError as exc:
+            typer.secho(f"error: could not write the summary to {summary_json}: {exc}", fg=typer.colors.RED, err=True)
     if error is not None:
         if isinstance(error, _user_errors()):
             _fail(error)
@@ -152,6 +193,7 @@ def run(
     """Run the whole pipeline as a Prefect flow: data, training, evaluation, export, registry."""
     t0 = time.perf_counter()
     cfg = _load(config, set_)
+    _check_writable(summary_json)
     _print_outcome(_run_flow(cfg, summary_json, t0))
 
 
@@ -166,6 +208,7 @@ def demo(
     if not path.exists():
         _fail(ConfigError([("(file)", "configs/demo.yaml not found; run `finetune demo` from the project folder")]))
     cfg = _load(path, set_)
+    _check_writable(summary_json)
     _print_outcome(_run_flow(cfg, summary_json, t0))
 
 

@@ -249,6 +249,9 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
+        ws = Path(self.workspace).expanduser()
+        if ws.exists() and not ws.is_dir():
+            raise ValueError(f"workspace: {ws} exists and is not a folder; fix: point workspace at a folder (it is created if missing)")
         eff, micro, procs = (
             self.training.effective_batch_size,
             self.training.micro_batch_size,

@@ -45,8 +45,24 @@ class Stage:
             retries=self.retries,
             retry_delay_seconds=exponential_backoff(backoff_factor=2) if self.retries else 0,
             retry_jitter_factor=0.5 if self.retries else None,
+            retry_condition_fn=_retry_unless_user_error,
             timeout_seconds=self.timeout_s,
         )
+
+
+def _retry_unless_user_error(task, task_run, state) -> bool:
+    """Retry what can be transient; a bad config, bad data or a bad model fails the same way every time."""
+    from tasks.base_model import ModelSourceError
+    from tasks.config import ConfigError
+    from tasks.sources import DataError
+
+    try:
+        state.result()
+    except (ConfigError, DataError, ModelSourceError):
+        return False
+    except BaseException:  # noqa: BLE001 - anything else may be transient
+        return True
+    return True
 
 
 # ---- data -----------------------------------------------------------------------------------------
