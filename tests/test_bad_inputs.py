@@ -442,7 +442,7 @@ def markdown_table(results: dict[str, Outcome]) -> str:
         "`.venv/bin/python tests/test_bad_inputs.py docs/bad_inputs.md`; `tests/test_bad_inputs.py` asserts the same",
         "cases. Temporary paths are shortened to `<case id>/<file>`. \"What the user sees\" is the first line of the CLI's own `error:` message",
         "(with its first problem line when the first line only counts problems, and its last line when the run failed inside a",
-        "stage). Nothing is registered in any case but the known gap marked \"registered\".",
+        "stage). Nothing is registered in any case.",
         "",
         "| input | caught at | what the user sees | exit code |",
         "|---|---|---|---|",
