@@ -42,7 +42,8 @@ def metrics_table(evaluation: dict, production: dict | None) -> list[dict]:
             continue
         row = {"metric": name, "fine-tuned": round(float(value), 4)}
         for b, vals in baselines.items():
-            v = vals.get(name) if isinstance(vals, dict) else None
+            vals = vals.get("metrics", vals) if isinstance(vals, dict) else {}
+            v = vals.get(name)
             row[b] = round(float(v), 4) if isinstance(v, (int, float)) else None
         row["production"] = round(float(prod[name]), 4) if isinstance(prod.get(name), (int, float)) else None
         rows.append(row)
