@@ -3,7 +3,6 @@ so `finetune --help` and config checks answer fast."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -11,7 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from tasks.config import ConfigError, RunConfig, load_config
+from tasks.cli_common import ConfigArg, SetOpt, fail as _fail, load_or_fail as _load, user_errors as _user_errors
+from tasks.config import ConfigError, RunConfig
 
 app = typer.Typer(
     name="finetune",
@@ -28,38 +28,10 @@ app.add_typer(config_app, name="config")
 
 def _register_commands() -> None:
     """Commands that live beside their stage (each module keeps torch imports inside its commands)."""
-    from tasks import cli_registry, cli_watch, evaluate
+    from tasks import cli_registry, cli_train, cli_watch, evaluate
 
-    for module in (cli_registry, cli_watch, evaluate):
+    for module in (cli_train, cli_registry, cli_watch, evaluate):
         module.register(app)
-
-ConfigArg = Annotated[Path, typer.Argument(help="Run configuration (YAML).")]
-SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", "-s", help="Override a config value: section.key=value (repeatable)."),
-]
-
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix: printed plainly (no traceback), exit code 2."""
-    from tasks.base_model import ModelSourceError
-    from tasks.sources import DataError
-
-    return (ConfigError, DataError, ModelSourceError)
-
-
-def _fail(exc: BaseException) -> None:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
-
-
-def _load(config: Path | None, overrides: list[str] | None) -> RunConfig:
-    try:
-        return load_config(config, overrides or [])
-    except ConfigError as exc:
-        _fail(exc)
-
 
 @config_app.command("show")
 def config_show(config: ConfigArg, set_: SetOpt = None) -> None:

@@ -13,9 +13,7 @@ WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="The pipel
 NameArg = Annotated[str, typer.Argument(help="Registered model name.")]
 
 
-def _fail(exc: BaseException) -> None:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+from tasks.cli_common import fail as _fail  # noqa: E402
 
 
 def registry_list(name: Annotated[Optional[str], typer.Argument(help="Model name; omit to list all models.")] = None,

@@ -13,7 +13,7 @@ def data_report(m: dict) -> str:
     """The prepared dataset's report.md from its manifest."""
     lines = [f"# Prepared dataset `{m['fingerprint']}`", ""]
     lines += [f"- task: **{m['task']}**", f"- labels ({len(m['labels'])}): {', '.join(m['labels']) or '(regression target)'}"]
-    lines += [f"- sources: " + ", ".join(f"`{f}` (sha256 {h[:12]}…)" for f, h in m["sources"].items())]
+    lines += ["- sources: " + ", ".join(f"`{f}` (sha256 {h[:12]}…)" for f, h in m["sources"].items())]
     lines += [f"- class weighting: `{m['class_weighting']}`"] + [f"- {n}" for n in m.get("notes", [])]
     lines += ["", "## Splits", ""]
     splits = m["splits"]

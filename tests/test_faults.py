@@ -241,9 +241,6 @@ def test_truncated_checkpoint_is_detected_and_the_previous_one_is_used(tmp_path,
     assert third.resumed_from_step == 0 and third.global_step == first.global_step
 
 
-@pytest.mark.xfail(strict=True, reason="tasks/train_worker.py::run restores the best checkpoint at the end with "
-                   "restore_trainable(best_dir) without verify_checkpoint: a truncated best checkpoint (older than an "
-                   "intact latest one) raises SafetensorError 'incomplete metadata' on every attempt")
 def test_truncated_best_checkpoint_is_detected_when_it_is_restored(tmp_path, tiny_bert):
     """The best checkpoint is older than the latest (min_delta makes epoch 1 the best of 2), and it is the one cut
     short: resuming from the intact latest works, but restoring the best at the end must notice and recover."""

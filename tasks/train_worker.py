@@ -1,0 +1,403 @@
+"""The training child process: `python -m tasks.train_worker RUN_DIR` (or under torchrun for DDP).
+
+Reads everything from the run folder (resolved_config.json, run_info.json, the prepared and tokenized
+datasets it names), trains with a small explicit loop, and writes checkpoints, metrics.jsonl, the best
+model and training_summary.json back into it. Shared by every method (DESIGN.md rule 5).
+
+Batches are planned per optimizer step: each epoch is a seeded list of *global* batches of
+effective_batch_size samples (grouped by length when configured), each split over processes and then
+into micro-batches. The loss is a per-sample sum divided by the global batch size, so the update does
+not depend on the micro-batch size: an OOM back-off (halve micro, double accumulation) or a resume
+continues the same run. Test hooks (environment): FINETUNE_SIMULATE_OOM_ABOVE=N raises an out-of-memory
+error when the micro-batch is larger than N; FINETUNE_TEST_STEP_DELAY_S=x sleeps x s after each step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tasks.files import atomic_dir, read_json, write_json
+from tasks.losses import class_weight_vector, is_better, make_loss, validation_metrics
+from tasks.train_checkpoints import (latest_valid_checkpoint, load_checkpoint, prune_checkpoints, restore_trainable,
+                                     save_checkpoint, verify_checkpoint)
+
+EXIT_OOM = 75
+OOM_MARKER = "worker_oom.json"
+
+
+def _log(msg: str, rank: int = 0) -> None:
+    if rank == 0:
+        print(f"[train_worker] {msg}", flush=True)
+
+
+class Rows:
+    """One tokenized split held as Python lists, with dynamic padding per micro-batch."""
+
+    def __init__(self, path: str, task: str, pad_id: int):
+        import datasets
+
+        d = datasets.load_from_disk(path).to_dict()
+        self.input_ids = d["input_ids"]
+        self.token_type_ids = d.get("token_type_ids")
+        self.labels = d["labels"]
+        self.lengths = np.asarray(d["length"], dtype=np.int64)
+        self.task, self.pad_id = task, pad_id
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def collate(self, idx: list[int], device: str):
+        import torch
+
+        n, width = len(idx), int(self.lengths[idx].max())
+        ids = np.full((n, width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((n, width), dtype=np.int64)
+        tt = np.zeros((n, width), dtype=np.int64) if self.token_type_ids is not None else None
+        for r, i in enumerate(idx):
+            k = len(self.input_ids[i])
+            ids[r, :k], mask[r, :k] = self.input_ids[i], 1
+            if tt is not None:
+                tt[r, :k] = self.token_type_ids[i]
+        batch = {"input_ids": torch.from_numpy(ids).to(device), "attention_mask": torch.from_numpy(mask).to(device)}
+        if tt is not None:
+            batch["token_type_ids"] = torch.from_numpy(tt).to(device)
+        lab = [self.labels[i] for i in idx]
+        dtype = torch.long if self.task == "single_label" else torch.float32
+        return batch, torch.tensor(lab, dtype=dtype, device=device)
+
+
+def plan_epoch(lengths: np.ndarray, global_batch: int, world: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """The epoch's global batches (sample indices), seeded by (seed, epoch); independent of micro-batching.
+
+    Grouping by length: shuffle, cut into mega-chunks of 50 global batches, sort each by length, cut
+    into global batches and shuffle their order (like transformers' LengthGroupedSampler). A final batch
+    with fewer samples than processes is dropped (every process needs one).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    if group_by_length:
+        mega = global_batch * 50
+        chunks = [order[i:i + mega] for i in range(0, len(order), mega)]
+        order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in chunks])
+    batches = [order[i:i + global_batch].tolist() for i in range(0, len(order), global_batch)]
+    if batches and len(batches[-1]) < world:
+        batches.pop()
+    if group_by_length:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def micro_batches(global_batch: list[int], rank: int, world: int, micro: int, lengths: np.ndarray) -> list[list[int]]:
+    """This process's share of a global batch, sorted by length and cut into micro-batches."""
+    mine = np.asarray(global_batch[rank::world])
+    mine = mine[np.argsort(-lengths[mine], kind="stable")].tolist()
+    return [mine[i:i + micro] for i in range(0, len(mine), micro)]
+
+
+def _linear_schedule(optimizer, warmup: int, total: int):
+    from torch.optim.lr_scheduler import LambdaLR
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return LambdaLR(optimizer, factor)
+
+
+def _optimizer(model, lr: float, weight_decay: float):
+    import torch
+
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for _, p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    try:  # the fused kernel (CPU and CUDA) is several times faster than the per-tensor loop torch picks on CPU
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, lr=lr, foreach=True)
+
+
+def evaluate(model, rows: Rows, loss_fn, batch_size: int, device: str, autocast) -> dict:
+    """Validation loss (same objective as training) and task metrics."""
+    import torch
+
+    order = np.argsort(-rows.lengths, kind="stable").tolist()
+    total, outs, ys = 0.0, [], []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            batch, labels = rows.collate(idx, device)
+            with autocast():
+                logits = model(**batch).logits.float()
+            total += float(loss_fn(logits, labels))
+            outs.append(logits.cpu().numpy())
+            ys.append(labels.cpu().numpy())
+    model.train(was_training)
+    out = {"val_loss": total / max(1, len(rows))}
+    out.update(validation_metrics(rows.task, np.concatenate(ys), np.concatenate(outs)))
+    return out
+
+
+def _autocast_factory(precision: str, device: str):
+    import torch
+
+    if device.startswith("cuda") and precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return lambda: torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext
+
+
+def _rewrite_metrics(path: Path, upto_step: int) -> None:
+    """After a resume, drop metric lines written after the checkpoint (they are trained again)."""
+    import json
+
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= upto_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def _last_eval(path: Path) -> dict | None:
+    import json
+
+    if not path.exists():
+        return None
+    evals = [json.loads(ln) for ln in path.read_text().splitlines() if '"eval"' in ln]
+    return evals[-1] if evals else None
+
+
+def _append(path: Path, obj: dict) -> None:
+    import json
+
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(obj) + "\n")
+
+
+def run(run_dir: str, return_model: bool = False):
+    """Train the run described by `run_dir`; returns the summary dict (and the model if asked)."""
+    import torch
+    import torch.distributed as dist
+
+    from tasks.modeling import build_model
+    from tasks.tokenize import load_tokenizer
+
+    run = Path(run_dir)
+    rc = read_json(run / "resolved_config.json")
+    info = read_json(run / "run_info.json")
+    t = rc["resolved_training"]
+    manifest = read_json(Path(info["prepared_path"]) / "manifest.json")
+    task, labels = info["task"], info["labels"]
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = t["device"]
+    if world > 1:
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(local_rank)
+    seed = int(t["seed"])
+    micro, accum, eff = int(t["micro_batch_size"]), int(t["gradient_accumulation_steps"]), int(t["effective_batch_size"])
+    oom_above = os.environ.get("FINETUNE_SIMULATE_OOM_ABOVE")
+    step_delay = float(os.environ.get("FINETUNE_TEST_STEP_DELAY_S", "0") or 0)
+    _log(f"run {run.name}: method {info['method']}, task {task}, device {device}, processes {world}, "
+         f"micro-batch {micro} x accumulation {accum} (effective {eff})", rank)
+
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    tokenizer = load_tokenizer(info["tokenizer_path"], info.get("trust_remote_code", False), info.get("revision"))
+    built = build_model(info["base_model"], task=task, labels=labels, method=info["method"], method_cfg=rc["method"],
+                        pad_token_id=tokenizer.pad_token_id, trust_remote_code=info.get("trust_remote_code", False),
+                        revision=info.get("revision"), device=device, gradient_checkpointing=t["gradient_checkpointing"],
+                        base_dtype=t.get("base_dtype", "float32"), seed=seed, target_name=info.get("target_name", "target"))
+    model = built.model
+    if rank == 0:
+        info.update(head_modules=built.head_modules, target_modules=built.target_modules,
+                    trainable_parameters=built.trainable_parameters, total_parameters=built.total_parameters,
+                    build_notes=built.notes)
+        write_json(run / "run_info.json", info)
+    torch.manual_seed(seed + rank)  # dropout streams differ per process
+
+    tok_dir = Path(info["tokenized_path"])
+    train, val = Rows(str(tok_dir / "train"), task, tokenizer.pad_token_id), Rows(str(tok_dir / "validation"), task, tokenizer.pad_token_id)
+    weights = class_weight_vector(task, labels, manifest.get("class_weights", {}))
+    loss_fn = make_loss(task, weights, device)
+    steps_per_epoch = len(plan_epoch(train.lengths, eff, world, seed, 0, t["group_by_length"]))
+    epochs = int(t["epochs"])
+    total_steps = steps_per_epoch * epochs
+    optimizer = _optimizer(model, float(t["learning_rate"]), float(t["weight_decay"]))
+    scheduler = _linear_schedule(optimizer, int(round(t["warmup_ratio"] * total_steps)), total_steps)
+    autocast = _autocast_factory(t["precision"], device)
+    scaler = torch.amp.GradScaler("cuda") if (device.startswith("cuda") and t["precision"] == "fp16") else None
+
+    ckpt_root = run / "checkpoints"
+    metrics_path = run / "metrics.jsonl"
+    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "best_value": None, "best_step": None, "best_epoch": None,
+             "bad_evals": 0, "stopped_early": False, "seconds": 0.0, "epochs_run": 0}
+    resumed_from = 0
+    ckpt = latest_valid_checkpoint(ckpt_root, log=lambda m: _log(m, rank))
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, scheduler, device)
+        resumed_from = state["global_step"]
+        _log(f"resuming from {ckpt.name} (epoch {state['epoch']}, step {resumed_from})", rank)
+        if rank == 0:
+            _rewrite_metrics(metrics_path, resumed_from)
+            _append(run / "events.jsonl", {"type": "resume", "step": resumed_from, "checkpoint": ckpt.name, "time": time.time()})
+    elif rank == 0 and metrics_path.exists():
+        metrics_path.unlink()  # a clean start: no stale curve from an attempt that never checkpointed
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
+    core = model.module if world > 1 else model
+    es_key, es = t["early_stopping_key"], t["early_stopping"]
+
+    def checkpoint() -> None:
+        state["seconds"] = base_seconds + time.perf_counter() - attempt_t0
+        if rank == 0:
+            save_checkpoint(ckpt_root, state["global_step"], core, optimizer, scheduler, state)
+            prune_checkpoints(ckpt_root, keep_last=2, keep_steps={state["best_step"]})
+        if world > 1:
+            dist.barrier()
+
+    attempt_t0, base_seconds, train_seconds, samples = time.perf_counter(), float(state["seconds"]), 0.0, 0
+    model.train()
+    for epoch in range(state["epoch"], epochs):
+        if state["stopped_early"]:
+            break
+        plan = plan_epoch(train.lengths, eff, world, seed, epoch, t["group_by_length"])
+        t_epoch = time.perf_counter()
+        for k in range(state["step_in_epoch"], len(plan)):
+            gb = plan[k]
+            micros = micro_batches(gb, rank, world, micro, train.lengths)
+            step_loss = torch.zeros((), device=device)
+            for j, mb in enumerate(micros):
+                if oom_above and micro > int(oom_above):
+                    raise torch.OutOfMemoryError(f"simulated out of memory at micro-batch {micro} (FINETUNE_SIMULATE_OOM_ABOVE={oom_above})")
+                sync = j == len(micros) - 1 or world == 1
+                with (contextlib.nullcontext() if sync else model.no_sync()):
+                    batch, y = train.collate(mb, device)
+                    with autocast():
+                        logits = model(**batch).logits
+                    loss = loss_fn(logits, y) / len(gb)
+                    (scaler.scale(loss * world) if scaler else loss * world).backward()
+                step_loss += loss.detach()
+            if world > 1:
+                dist.all_reduce(step_loss)
+            if scaler:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], float(t["max_grad_norm"]))
+            if scaler:
+                scaler.step(optimizer), scaler.update()
+            else:
+                optimizer.step()
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["global_step"] += 1
+            state["step_in_epoch"] = k + 1
+            samples += len(gb)
+            if rank == 0:
+                _append(metrics_path, {"type": "step", "step": state["global_step"], "epoch": round(epoch + (k + 1) / len(plan), 4),
+                                       "loss": float(step_loss), "learning_rate": lr})
+            if step_delay:
+                time.sleep(step_delay)
+            every = t.get("save_every_steps")
+            if every and state["global_step"] % every == 0 and k + 1 < len(plan):
+                train_seconds += time.perf_counter() - t_epoch
+                checkpoint()
+                t_epoch = time.perf_counter()
+        train_seconds += time.perf_counter() - t_epoch
+        state.update(epoch=epoch + 1, step_in_epoch=0, epochs_run=epoch + 1)
+        if (epoch + 1) % int(t["eval_every_epochs"]) == 0 or epoch + 1 == epochs:
+            ev = evaluate(core, val, loss_fn, max(2 * micro, 32), device, autocast)
+            if rank == 0:
+                _append(metrics_path, {"type": "eval", "step": state["global_step"], "epoch": epoch + 1, **ev})
+            _log(f"epoch {epoch + 1}: " + ", ".join(f"{k2} {v:.4f}" for k2, v in ev.items()), rank)
+            if is_better(es_key, ev[es_key], state["best_value"], float(es["min_delta"])):
+                state.update(best_value=ev[es_key], best_step=state["global_step"], best_epoch=epoch + 1, bad_evals=0)
+            else:
+                state["bad_evals"] += 1
+                if state["bad_evals"] >= int(es["patience"]) and epoch + 1 < epochs:
+                    state["stopped_early"] = True
+                    _log(f"early stopping: no {es_key} improvement in {state['bad_evals']} evaluations", rank)
+        checkpoint()
+
+    state["seconds"] = base_seconds + time.perf_counter() - attempt_t0
+    note = None
+    if state["best_step"] is not None and state["best_step"] != state["global_step"]:
+        best_dir = ckpt_root / f"step-{state['best_step']}"
+        problem = verify_checkpoint(best_dir) if best_dir.is_dir() else "it is missing"
+        if problem is None:
+            restore_trainable(core, best_dir, device)
+            _log(f"restored the best checkpoint (step {state['best_step']}, epoch {state['best_epoch']})", rank)
+        else:  # keep the final weights, and say so: the summary describes the model actually saved
+            last = _last_eval(metrics_path)
+            note = (f"best checkpoint step-{state['best_step']} was unusable ({problem}); "
+                    f"kept the final weights of step {state['global_step']}")
+            _log(f"WARNING: {note}", rank)
+            state.update(best_step=state["global_step"], best_epoch=state["epochs_run"],
+                         best_value=last.get(es_key) if last else None)
+    summary = None
+    if rank == 0:
+        final = run / "model"
+        shutil.rmtree(final, ignore_errors=True)
+        with atomic_dir(final) as tmp:
+            core.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+        summary = {
+            "best_epoch": state["best_epoch"], "best_step": state["best_step"], "best_metric_name": es_key,
+            "best_metric": state["best_value"], "epochs_run": state["epochs_run"], "stopped_early": state["stopped_early"],
+            "global_step": state["global_step"], "steps_per_epoch": steps_per_epoch, "seconds": round(state["seconds"], 3),
+            "train_seconds_this_attempt": round(train_seconds, 3), "samples_this_attempt": samples,
+            "samples_per_second": round(samples / train_seconds, 3) if train_seconds > 0 else None,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "learning_rate": float(t["learning_rate"]), "effective_batch_size": eff, "micro_batch_size": micro,
+            "gradient_accumulation_steps": accum, "processes": world, "resumed_from_step": resumed_from,
+            "method": info["method"], "trainable_parameters": built.trainable_parameters,
+        }
+        if note:
+            summary["best_restore_note"] = note
+        write_json(run / "training_summary.json", summary)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return (summary, core) if return_model else summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m tasks.train_worker RUN_DIR", file=sys.stderr)
+        return 2
+    import torch
+
+    try:
+        run(argv[0])
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not isinstance(exc, torch.OutOfMemoryError) and "out of memory" not in str(exc).lower():
+            raise
+        t = read_json(Path(argv[0]) / "resolved_config.json")["resolved_training"]
+        write_json(Path(argv[0]) / OOM_MARKER, {"micro_batch_size": t["micro_batch_size"], "error": str(exc)[:500],
+                                                "rank": int(os.environ.get("RANK", "0"))})
+        print(f"[train_worker] out of memory at micro-batch {t['micro_batch_size']}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_OOM
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
