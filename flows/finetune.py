@@ -1,5 +1,14 @@
-"""The `finetune` flow: prepare data -> tokenize -> train -> evaluate (+ baselines) -> merge + export
--> register -> promote, each a cached, retryable task. Wiring only; the work is in tasks/.
+"""The `finetune` flow: prepare data -> tokenize -> [learning-rate search] -> train -> evaluate (+ baselines)
+-> merge + export -> register -> promote, each a cached, retryable task. Wiring only; the work is in tasks/.
+
+With `training.learning_rate: auto` the search's trials are mapped `lr-trial` tasks, run by the flow's task
+runner. To spread them over a Dask cluster (pip install prefect-dask):
+
+    from prefect_dask import DaskTaskRunner
+    from flows.finetune import finetune
+    finetune.with_options(task_runner=DaskTaskRunner(address="tcp://scheduler:8786"))(config=cfg)
+
+(`training.search.max_parallel` caps how many trials run at once; RayTaskRunner from prefect-ray works the same.)
 """
 
 from __future__ import annotations
@@ -54,7 +63,20 @@ def finetune(config: RunConfig, data_source: Optional[str] = None, data_sha256: 
     with stages.library_logs_to(logger):
         prepared = run(stages.PREPARE, cfg)
         tokenized = run(stages.TOKENIZE, cfg, prepared)
-        trained = run(stages.TRAIN, cfg, prepared, tokenized)
+        train_cfg, lr_search = cfg, None
+        if cfg.training.learning_rate == "auto":  # a short search picks the rate (trials are mapped tasks)
+            t0 = time.perf_counter()
+            if on_stage is not None:
+                on_stage("lr-search", "Running", 0.0)
+            train_cfg, lr_search = stages.search_learning_rate(cfg, prepared, tokenized, ws)
+            seconds = round(time.perf_counter() - t0, 3)
+            state = "Cached" if lr_search.pop("cached", False) else "Completed"
+            summary["tasks"]["lr-search"] = {"state": state, "seconds": seconds, "best_rate": lr_search["best_rate"]}
+            logger.info("learning-rate search: %s wins (%s %s) in %.1f s", lr_search["best_rate"], lr_search["metric"],
+                        max((t["score"] or 0) for t in lr_search["trials"] if t["rate"] == lr_search["best_rate"]), seconds)
+            if on_stage is not None:
+                on_stage("lr-search", state, seconds)
+        trained = run(stages.TRAIN, train_cfg, prepared, tokenized, lr_search)
         evaluated = run(stages.EVALUATE, cfg, trained)
         exported = run(stages.EXPORT, cfg, trained, evaluated)
         registered = run(stages.REGISTER, cfg, exported, evaluated)

@@ -91,6 +91,17 @@ def run_report(folders: dict[str, str | None], records: dict[str, Any]) -> str:
         if curve.exists():
             lines += ["", f"![training and validation loss]({png_data_uri(curve)})"]
         lines += [""]
+        search = rc.get("lr_search")
+        if search:
+            from tasks.lr_search import search_rows
+
+            lines += ["### Learning-rate search", "",
+                      f"Winner **{search.get('best_rate')}** by validation {search.get('metric')} "
+                      f"(successive halving, rungs {search.get('rungs')} steps, {_fmt(search.get('seconds'))} s).", "",
+                      _md_table(search_rows(search)), ""]
+            png = Path(search.get("path") or "") / "curves.png"
+            if search.get("path") and png.exists():
+                lines += [f"![learning-rate search curves]({png_data_uri(png)})", ""]
     if evaluation and (Path(evaluation) / "metrics.json").exists():
         ev = read_json(Path(evaluation) / "metrics.json")
         lines += ["## Test metrics (held-out test split)", "", _md_table(metrics_table(ev, records.get("production_metrics"))), ""]
@@ -128,6 +139,15 @@ def publish(name: str, folders: dict[str, str | None], records: dict[str, Any]) 
             key = artifact_key(name, "confusion-matrix")
             create_table_artifact(confusion_rows(ev), key=key, description="Confusion matrix on the test split (rows: true).")
             made[key] = "table"
+    run = folders.get("run")
+    search = read_json(Path(run) / "resolved_config.json").get("lr_search") if run and (Path(run) / "resolved_config.json").exists() else None
+    if search:
+        from tasks.lr_search import search_rows
+
+        key = artifact_key(name, "lr-search")
+        create_table_artifact(search_rows(search), key=key,
+                              description=f"Learning-rate search: trials by rung, validation {search.get('metric')}, winner.")
+        made[key] = "table"
     key = artifact_key(name, "report")
     create_markdown_artifact(run_report(folders, records), key=key, description="Run report: data, training, test metrics, merge, promotion.")
     made[key] = "markdown"

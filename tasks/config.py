@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 BUNDLED_MODEL = "bundled:all-MiniLM-L6-v2"
 
@@ -106,6 +106,12 @@ class ModelConfig(_Section):
     )
     revision: str | None = Field(None, description="Hub revision (commit, tag or branch).")
     trust_remote_code: bool = Field(False, description="Allow code shipped with the model to run. Off by default.")
+    head: Literal["auto", "pooler", "mean"] = Field(
+        "auto",
+        description="Classification head. auto: mean-pooled token states for a sentence-transformers checkpoint "
+        "trained with mean pooling (modules.json), the architecture's own head otherwise; pooler: the "
+        "architecture's head; mean: mean pooling (tasks/heads.py).",
+    )
 
 
 class MethodConfig(_Section):
@@ -147,18 +153,56 @@ class MethodConfig(_Section):
 
 
 class EarlyStoppingConfig(_Section):
-    metric: str = Field("loss", description="Validation metric to watch: loss, or a metric name such as f1_macro.")
+    metric: str = Field(
+        "auto", description="Validation metric to watch: auto (the evaluation's primary metric: f1_macro single-label, "
+        "f1_micro multi-label, r2 regression), loss, or a metric name such as accuracy."
+    )
     patience: int = Field(2, ge=1, description="Evaluations without improvement before stopping.")
     min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
+
+
+class LRSearchConfig(_Section):
+    """The learning-rate search run when training.learning_rate is auto (tasks/lr_search.py)."""
+
+    candidates: list[float] | None = Field(
+        None, description="Rates to try; None: 4 rates spanning the method's range (full 1e-5..3e-4, adapters 1e-4..5e-3)."
+    )
+    rung_steps: list[int] | None = Field(
+        None, description="Optimizer steps per rung of successive halving; None: rung 1 = 40 % of an epoch (min 8), "
+        "rung 2 = 2x that; the best half of each rung goes on."
+    )
+    keep: float = Field(0.5, gt=0, le=1, description="Share of candidates kept after each rung.")
+    max_parallel: int = Field(
+        2, ge=1, le=256, description="Trials run at the same time (Prefect task concurrency); with a Dask or Ray task "
+        "runner they spread over its workers."
+    )
 
 
 class TrainingConfig(_Section):
     """The training loop."""
 
-    learning_rate: float | None = Field(
-        None, gt=0, lt=1, description="None: the method's default (2e-5 full, 2e-4 lora/qlora/dora)."
+    learning_rate: float | Literal["auto"] | None = Field(
+        "auto", description="auto: a short search (training.search) picks it before training; None: the method's "
+        "textbook default (2e-5 full, 2e-4 lora/qlora/dora); a number: that rate, no search."
     )
-    epochs: int = Field(3, ge=1, le=100, description="Maximum epochs (early stopping may end sooner).")
+    search: LRSearchConfig = Field(default_factory=LRSearchConfig)
+
+    @field_validator("learning_rate", mode="before")
+    @classmethod
+    def _rate(cls, v):
+        if v is None or v == "auto":
+            return v
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"must be a number between 0 and 1, 'auto' (search) or null (method default); got {v!r}") from None
+        if not 0 < f < 1:
+            raise ValueError(f"must be between 0 and 1 (exclusive); got {f:g}")
+        return f
+    epochs: int = Field(
+        10, ge=1, le=100, description="Maximum epochs: training stops earlier when the early-stopping metric has not "
+        "improved for early_stopping.patience evaluations (the best epoch's weights are kept)."
+    )
     effective_batch_size: int = Field(16, ge=1, description="Samples per optimizer step (micro-batch x accumulation x processes).")
     micro_batch_size: int | None = Field(None, ge=1, description="Per-step batch; None: up to the effective batch size, capped at 32.")
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
@@ -377,7 +421,10 @@ def resolve_training(cfg: RunConfig, method_kind: str | None = None) -> dict:
     """The training settings with method-dependent defaults filled in (the one place they are resolved)."""
     kind = method_kind or cfg.method.kind
     t = cfg.training.model_dump(mode="json")
-    if t["learning_rate"] is None:
+    if t["learning_rate"] == "auto":  # the search did not run (train_model called directly): the default
+        t["learning_rate"] = DEFAULT_LEARNING_RATE.get(kind, 2e-4)
+        t["learning_rate_source"] = f"auto without a search: default for {kind}"
+    elif t["learning_rate"] is None:
         t["learning_rate"] = DEFAULT_LEARNING_RATE.get(kind, 2e-4)
         t["learning_rate_source"] = f"default for {kind}"
     else:

@@ -350,7 +350,7 @@ def export_run(cfg: RunConfig, run_dir: str, eval_dir: str) -> ExportResult:
             "config_hash": sha256_json({k: v for k, v in resolved.items() if k != "workspace"})[:16] if resolved else None,
             "data": {k: data_cfg.get(k) for k in ("text_column", "text_pair_column", "label_column", "label_delimiter")},
             "max_length": max_length, "trust_remote_code": bool(info.get("trust_remote_code", False)),
-            "quantization": info.get("quantization"),
+            "quantization": info.get("quantization"), "head": info.get("head", "pooler"),
             "primary_metric": metrics["primary_metric"], "primary_value": metrics["metrics"][metrics["primary_metric"]],
             "code_version": code_version(), "packages": package_versions(),
             "training": {**{k: summary.get(k) for k in ("best_epoch", "best_metric_name", "best_metric", "epochs_run",

@@ -128,6 +128,19 @@ def render_model_card(lineage: dict, metrics: dict, resolved_config: dict | None
          if method != "full" else "n/a"],
         ["training seconds", tr.get("seconds")],
     ], ["setting", "value"]), ""]
+    search = resolved_config.get("lr_search")
+    if search:
+        from tasks.lr_search import search_rows
+
+        rows = search_rows(search)
+        lines += ["### Learning-rate search", "",
+                  f"`training.learning_rate: auto` tried {len(search.get('candidates') or [])} rates by successive halving "
+                  f"(rungs of {', '.join(map(str, search.get('rungs') or []))} optimizer steps), scored on the validation "
+                  f"split by {search.get('metric')}; the winner, **{_fmt(search.get('best_rate'))}**, trained this model. "
+                  f"The search took {_fmt(search.get('seconds'))} s.", "",
+                  _table([[r["rung"], r["learning_rate"], r["steps"], r[search["metric"]], r["val_loss"],
+                           "diverged" if r["diverged"] else ("winner" if r["winner"] else "")] for r in rows],
+                         ["rung", "learning rate", "steps", f"validation {search.get('metric')}", "val loss", "note"]), ""]
     lines += ["## Evaluation (held-out test split)", "", f"Primary metric: **{primary} = {_fmt(values.get(primary))}**.", ""]
     baselines = metrics.get("baselines") or {}
     names = [k for k, v in values.items() if isinstance(v, (int, float))]
@@ -142,13 +155,22 @@ def render_model_card(lineage: dict, metrics: dict, resolved_config: dict | None
     if onnx:
         lines += ["## ONNX", "", f"`{onnx['file']}` (opset {onnx['opset']}): max |logit difference| against torch "
                   f"{_fmt(onnx['max_abs_logit_diff'])} on {onnx['rows']} test rows (tolerance {_fmt(onnx['tolerance'])}).", ""]
-    lines += ["## Use", "", "```python", "from transformers import pipeline", "",
-              'clf = pipeline("text-classification", model="path/to/this/folder")',
-              'clf("some text")', "```", ""]
+    if lineage.get("head") == "mean":
+        from tasks.heads import LOADER_NOTE
+
+        lines += ["## Use", "", LOADER_NOTE, "", "```python", "from transformers import pipeline", "",
+                  'clf = pipeline("text-classification", model="path/to/this/folder", trust_remote_code=True)',
+                  'clf("some text")', "```", ""]
+    else:
+        lines += ["## Use", "", "```python", "from transformers import pipeline", "",
+                  'clf = pipeline("text-classification", model="path/to/this/folder")',
+                  'clf("some text")', "```", ""]
     if method != "full":
         lines += ["The adapter alone is in `adapter/` (one base can carry several adapters):", "", "```python",
                   "from peft import PeftModel", "from transformers import AutoModelForSequenceClassification", "",
-                  f"base = AutoModelForSequenceClassification.from_pretrained(BASE, num_labels={len(lineage.get('labels') or []) or 1})",
+                  (f"base = AutoModelForSequenceClassification.from_pretrained(BASE, num_labels={len(lineage.get('labels') or []) or 1})"
+                   if lineage.get("head") != "mean" else
+                   "base = AutoModelForSequenceClassification.from_config(...)  # the mean-pooling head: see tasks/heads.py"),
                   'model = PeftModel.from_pretrained(base, "path/to/this/folder/adapter")', "```", ""]
     if lineage.get("task") == "regression":
         lines += ["Regression: the pipeline applies a sigmoid to single-output models; call the model directly "

@@ -74,11 +74,18 @@ def _dtype(name: str):
 
 
 def model_config(base: str, task: str, labels: list[str], *, pad_token_id: int | None = None,
-                 trust_remote_code: bool = False, revision: str | None = None, target_name: str = "target"):
-    """The base config with the classification facts set: num_labels, id2label/label2id, problem_type, pad."""
+                 trust_remote_code: bool = False, revision: str | None = None, target_name: str = "target",
+                 head: str = "pooler"):
+    """The base config with the classification facts set: num_labels, id2label/label2id, problem_type, pad.
+
+    head "mean": the base config wrapped in the mean-pooling head's config (tasks/heads.py)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code, revision=revision)
+    if head == "mean":
+        from tasks.heads import wrap_config
+
+        config = wrap_config(config)
     names = labels if task != "regression" else [target_name]
     config.num_labels = num_labels_for(task, labels)
     config.id2label = {i: n for i, n in enumerate(names)}
@@ -190,14 +197,16 @@ def load_base(base: str, config, *, method: str, device: str, quantization: dict
 def build_model(base: str, *, task: str, labels: list[str], method: str, method_cfg: dict,
                 pad_token_id: int | None = None, trust_remote_code: bool = False, revision: str | None = None,
                 device: str = "cpu", gradient_checkpointing: bool = False, base_dtype: str = "float32",
-                seed: int = 42, target_name: str = "target") -> BuiltModel:
-    """One builder for full / lora / qlora / dora (method_cfg: the `method` config section as a dict)."""
+                seed: int = 42, target_name: str = "target", head: str = "pooler") -> BuiltModel:
+    """One builder for full / lora / qlora / dora (method_cfg: the `method` config section as a dict).
+
+    head: "pooler" (the architecture's own head) or "mean" (mean-pooled token states, tasks/heads.py)."""
     import torch
 
     if method not in ("full",) + ADAPTER_METHODS:
         raise ValueError(f"unknown method {method!r}; resolve 'auto' before building")
     config = model_config(base, task, labels, pad_token_id=pad_token_id, trust_remote_code=trust_remote_code,
-                          revision=revision, target_name=target_name)
+                          revision=revision, target_name=target_name, head=head)
     meta = _meta_model(config, trust_remote_code)
     heads = head_module_names(meta)
     targets: list[str] = []
@@ -379,6 +388,9 @@ def load_trained_model(run_dir: str, device: str = "cpu"):
 
     from tasks.tokenize import load_tokenizer
 
+    from tasks.heads import register
+
+    register()  # a mean-pooling head (tasks/heads.py) loads through the Auto classes
     run = Path(run_dir)
     info = read_json(run / "run_info.json")
     model_dir = run / "model"
@@ -395,7 +407,7 @@ def load_trained_model(run_dir: str, device: str = "cpu"):
 
         config = model_config(info["base_model"], info["task"], info["labels"], pad_token_id=tokenizer.pad_token_id,
                               trust_remote_code=trust, revision=info.get("revision"),
-                              target_name=info.get("target_name", "target"))
+                              target_name=info.get("target_name", "target"), head=info.get("head", "pooler"))
         base = load_base(info["base_model"], config, method=method, device=device, quantization=info.get("quantization"),
                          trust_remote_code=trust, revision=info.get("revision"))
         if method == "qlora" and device == "cpu":

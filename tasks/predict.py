@@ -148,6 +148,9 @@ def load_exported_model(model_dir: str | Path, trust_remote_code: bool = False, 
     """An exported HF folder (merged weights + tokenizer) as (model, tokenizer), in eval mode."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from tasks.heads import register
+
+    register()  # the mean-pooling head (tasks/heads.py) loads without remote code in this process
     tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
@@ -199,6 +202,16 @@ def load_base(info: dict, tokenizer, quantized: bool = False):
         )
     else:
         kwargs["dtype"] = torch.float32
+    if info.get("head") == "mean":  # the run trained a mean-pooling head (tasks/heads.py)
+        from transformers import AutoConfig
+
+        from tasks.heads import wrap_config
+
+        facts = {k: kwargs.pop(k) for k in ("num_labels", "problem_type", "id2label", "label2id") if k in kwargs}
+        kwargs["config"] = wrap_config(AutoConfig.from_pretrained(info["base_model"], trust_remote_code=kwargs["trust_remote_code"],
+                                                                  revision=kwargs["revision"]), **facts)
+        if tokenizer.pad_token_id is not None:
+            kwargs["config"].pad_token_id = tokenizer.pad_token_id
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForSequenceClassification.from_pretrained(info["base_model"], **kwargs)

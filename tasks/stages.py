@@ -113,17 +113,17 @@ def _run_dir(config: RunConfig, prepared, tokenized) -> Path:
     return config.workspace_path() / "runs" / key
 
 
-def train(config: RunConfig, prepared, tokenized):
+def train(config: RunConfig, prepared, tokenized, lr_search: dict | None = None):
     """Train in a child process; a retry resumes from the last checkpoint."""
     from tasks.train import train_model
 
     with training_progress(config, _run_dir(config, prepared, tokenized)):
-        result = train_model(config, prepared.path, tokenized.path)
+        result = train_model(config, prepared.path, tokenized.path, lr_search=lr_search)
     _loss_curve(Path(result.path))
     return result
 
 
-def _train_key(config: RunConfig, prepared, tokenized) -> tuple[str, Path]:
+def _train_key(config: RunConfig, prepared, tokenized, lr_search: dict | None = None) -> tuple[str, Path]:
     path = _run_dir(config, prepared, tokenized)
     if config.method.kind == "auto":  # the folder depends on the method auto picks: key on the settings alone
         return path.name + "-auto", config.workspace_path()
@@ -206,6 +206,56 @@ def _last_step(path: Path) -> dict | None:
     return None
 
 
+# ---- learning-rate search (training.learning_rate: auto) --------------------------------------------
+
+def lr_trial(config: RunConfig, prepared, tokenized, rate: float, steps: int):
+    """Train one candidate learning rate briefly and score it on validation."""
+    from tasks.lr_search import run_trial
+
+    return run_trial(config, prepared.path, tokenized.path, rate, steps)
+
+
+def _lr_trial_key(config: RunConfig, prepared, tokenized, rate: float, steps: int) -> tuple[str, Path]:
+    from tasks.base_model import model_fingerprint
+    from tasks.lr_search import trial_key
+
+    method = config.method.kind
+    key = trial_key(config, prepared.fingerprint, tokenized.key, model_fingerprint(config.model), method, rate, steps)
+    if method == "auto":  # the folder depends on the method auto picks
+        return key + "-auto", config.workspace_path()
+    return key, config.workspace_path() / "lr-trials" / key / "training_summary.json"
+
+
+def search_learning_rate(config: RunConfig, prepared, tokenized, workspace: Path) -> tuple[RunConfig, dict]:
+    """Successive halving with each rung's trials as mapped Prefect tasks (at most training.search.max_parallel
+    at a time), so the flow's task runner (threads by default; a DaskTaskRunner or RayTaskRunner spreads
+    them over machines) runs them. Returns the config with the winning rate and the search summary."""
+    from prefect import unmapped
+
+    from tasks.lr_search import search_learning_rate as search
+
+    trial = LR_TRIAL.task(workspace)
+    n = config.training.search.max_parallel
+    cached: list[bool] = []
+
+    def run_rung(pairs):
+        out = []
+        for i in range(0, len(pairs), n):
+            chunk = pairs[i:i + n]
+            futures = trial.map(unmapped(config), unmapped(prepared), unmapped(tokenized),
+                                [r for r, _ in chunk], [s for _, s in chunk])
+            for f in futures:
+                out.append(f.result())
+                cached.append(f.state.name == "Cached")
+        return out
+
+    from tasks.lr_search import with_rate
+
+    result = search(config, prepared.path, tokenized.path, run_rung=run_rung)
+    summary = result.summary() | {"cached": bool(cached) and all(cached)}
+    return with_rate(config, result.best_rate), summary
+
+
 # ---- evaluation, export, registry -------------------------------------------------------------------
 
 def evaluate(config: RunConfig, trained):
@@ -248,7 +298,11 @@ def _register_key(config: RunConfig, exported, evaluated) -> tuple[str, Path]:
     return sha256_json({"export": Path(exported.path).name, "registry": config.registry.model_dump(mode="json")}), Path(exported.path)
 
 
-TRAIN = Stage("train", train, _train_key, ("tasks.train", "tasks.train_worker", "tasks.train_checkpoints", "tasks.modeling", "tasks.losses"),
+TRAINING_CODE = ("tasks.train", "tasks.train_worker", "tasks.train_checkpoints", "tasks.modeling", "tasks.losses",
+                 "tasks.heads", "tasks.modeling_mean_pooling")
+LR_TRIAL = Stage("lr-trial", lr_trial, _lr_trial_key, TRAINING_CODE + ("tasks.lr_search",), retries=1, timeout_s=None,
+                 description="Train one candidate learning rate briefly and score it on validation.")
+TRAIN = Stage("train", train, _train_key, TRAINING_CODE,
               retries=2, timeout_s=None, description="Train in a child process; a retry resumes from the last checkpoint.")
 EVALUATE = Stage("evaluate", evaluate, _evaluate_key, ("tasks.evaluate", "tasks.baselines", "tasks.plots"), retries=1,
                  timeout_s=3600, description="Score the held-out test split, with baselines.")

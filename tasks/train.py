@@ -24,7 +24,7 @@ from tasks.config import RunConfig, resolve_training
 from tasks.files import read_json, sha256_json, write_json
 from tasks.losses import check_early_stopping_metric, resolve_loss
 
-TRAIN_VERSION = "1"
+TRAIN_VERSION = "2"
 KEY_EXCLUDED_TRAINING = ("timeout_s", "save_every_steps")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("finetune.train")
@@ -75,7 +75,7 @@ def resolve_settings(cfg: RunConfig, task: str, method: str, device: str) -> dic
     """resolve_training plus what depends on task and device: loss, precision, checkpointing, early stopping."""
     t = resolve_training(cfg, method)
     t["loss"] = resolve_loss(task, cfg.training.loss)
-    t["early_stopping_key"] = check_early_stopping_metric(task, cfg.training.early_stopping.metric)
+    t["early_stopping_key"] = check_early_stopping_metric(task, early_stopping_metric(cfg, task))
     on_gpu = device.startswith("cuda")
     precision = cfg.training.precision
     if not on_gpu:
@@ -94,18 +94,42 @@ def resolve_settings(cfg: RunConfig, task: str, method: str, device: str) -> dic
     return t
 
 
+def early_stopping_metric(cfg: RunConfig, task: str) -> str:
+    """training.early_stopping.metric, with auto = the evaluation's primary metric (f1_macro / f1_micro / r2)."""
+    from tasks.losses import METRICS_FOR_TASK
+
+    metric = cfg.training.early_stopping.metric
+    if metric != "auto":
+        return metric
+    primary = cfg.evaluation.primary_metric
+    if primary in METRICS_FOR_TASK[task]:
+        return primary
+    return {"single_label": "f1_macro", "multi_label": "f1_micro", "regression": "r2"}[task]
+
+
+def resolved_head(cfg: RunConfig, base: str | None = None) -> tuple[str, str]:
+    from tasks.heads import resolve_head
+
+    return resolve_head(cfg.model.head, base or resolve_model(cfg.model))
+
+
 def run_key(cfg: RunConfig, dataset_fp: str, tokenized_key: str, base_fp: str, method: str) -> str:
     training = cfg.training.model_dump(mode="json", exclude=set(KEY_EXCLUDED_TRAINING))
     return sha256_json({
         "dataset": dataset_fp, "tokenized": tokenized_key, "base_model": base_fp,
-        "model": {"trust_remote_code": cfg.model.trust_remote_code, "revision": cfg.model.revision},
+        "model": {"trust_remote_code": cfg.model.trust_remote_code, "revision": cfg.model.revision,
+                  "head": resolved_head(cfg)[0]},
         "method": cfg.method.model_dump(mode="json"), "resolved_method": method, "training": training,
         "max_length": cfg.data.max_length, "version": TRAIN_VERSION,
     })[:20]
 
 
-def prepare_run(cfg: RunConfig, prepared_dir: str, tokenized_dir: str, device: str | None = None) -> Path:
-    """Create `<workspace>/runs/<key>/` with resolved_config.json and run_info.json; returns its path."""
+def prepare_run(cfg: RunConfig, prepared_dir: str, tokenized_dir: str, device: str | None = None,
+                trial: dict | None = None, lr_search: dict | None = None) -> Path:
+    """Create `<workspace>/runs/<key>/` with resolved_config.json and run_info.json; returns its path.
+
+    trial {"max_steps", "rate"}: a learning-rate trial in `<workspace>/lr-trials/<key>/` (tasks/lr_search.py):
+    stops after max_steps, scores validation once, saves no model. lr_search: the search summary, recorded."""
     from tasks.modeling import problem_type_for, resolve_compute_dtype, resolve_device
 
     manifest = read_json(Path(prepared_dir) / "manifest.json")
@@ -116,16 +140,35 @@ def prepare_run(cfg: RunConfig, prepared_dir: str, tokenized_dir: str, device: s
     pre = resolve_training(cfg)
     method, estimate = resolve_method(cfg, base, cfg.data.max_length, pre["micro_batch_size"])
     settings = resolve_settings(cfg, task, method, device)
-    key = run_key(cfg, manifest["fingerprint"], tok_info["key"], model_fingerprint(cfg.model), method)
-    run = cfg.workspace_path() / "runs" / key
-    if (run / "model").is_dir() and (run / "training_summary.json").exists():
-        return run  # finished: its recorded facts stay as they are
+    if trial is not None:
+        from tasks.lr_search import trial_key
+
+        key = trial_key(cfg, manifest["fingerprint"], tok_info["key"], model_fingerprint(cfg.model), method,
+                        trial["rate"], trial["max_steps"])
+        run = cfg.workspace_path() / "lr-trials" / key
+        settings.update(max_steps=int(trial["max_steps"]), trial=True, learning_rate_source="search trial",
+                        save_every_steps=None)
+        if (run / "training_summary.json").exists():
+            return run
+    else:
+        key = run_key(cfg, manifest["fingerprint"], tok_info["key"], model_fingerprint(cfg.model), method)
+        run = cfg.workspace_path() / "runs" / key
+        if lr_search:
+            settings["learning_rate_source"] = f"search ({lr_search.get('metric')} on validation)"
+        if (run / "model").is_dir() and (run / "training_summary.json").exists():
+            if lr_search and (run / "resolved_config.json").exists():
+                rc = read_json(run / "resolved_config.json")
+                if "lr_search" not in rc:  # the same rate was trained before: record how it was found now
+                    write_json(run / "resolved_config.json", rc | {"lr_search": lr_search})
+            return run  # finished: its recorded facts stay as they are
     run.mkdir(parents=True, exist_ok=True)
     backoff = run / "oom_backoff.json"
     if backoff.exists():  # an earlier attempt already halved the micro-batch: keep its setting
         b = read_json(backoff)
         settings["micro_batch_size"], settings["gradient_accumulation_steps"] = b["micro_batch_size"], b["gradient_accumulation_steps"]
     resolved = cfg.model_dump(mode="json") | {"resolved_training": settings}
+    if lr_search:
+        resolved["lr_search"] = lr_search
     if estimate is not None:
         resolved["resolved_method"] = {"kind": method, "estimate": estimate}
     write_json(run / "resolved_config.json", resolved)
@@ -135,6 +178,7 @@ def prepare_run(cfg: RunConfig, prepared_dir: str, tokenized_dir: str, device: s
                  "compute_dtype": resolve_compute_dtype(cfg.method.compute_dtype, device), "skip_modules": None}
     info_path = run / "run_info.json"
     old = read_json(info_path) if info_path.exists() else {}
+    head, head_reason = resolved_head(cfg, base)
     info = {
         "method": method, "base_model": base, "base_model_fingerprint": model_fingerprint(cfg.model),
         "revision": cfg.model.revision, "trust_remote_code": cfg.model.trust_remote_code, "task": task,
@@ -143,9 +187,10 @@ def prepare_run(cfg: RunConfig, prepared_dir: str, tokenized_dir: str, device: s
         "dataset_fingerprint": manifest["fingerprint"], "tokenized_path": str(Path(tokenized_dir).resolve()),
         "tokenizer_path": tok_info.get("tokenizer", base), "prepared_path": str(Path(prepared_dir).resolve()),
         "quantization": quant, "head_modules": old.get("head_modules", []), "run_key": key,
+        "head": head, "head_reason": head_reason,
     }
     if quant is not None:
-        quant["skip_modules"] = _head_modules(base, cfg, task, labels, info["target_name"])
+        quant["skip_modules"] = _head_modules(base, cfg, task, labels, info["target_name"], head)
         info["head_modules"] = quant["skip_modules"]
     for k in ("target_modules", "trainable_parameters", "total_parameters", "build_notes"):
         if k in old:
@@ -154,11 +199,12 @@ def prepare_run(cfg: RunConfig, prepared_dir: str, tokenized_dir: str, device: s
     return run
 
 
-def _head_modules(base: str, cfg: RunConfig, task: str, labels: list[str], target_name: str) -> list[str]:
+def _head_modules(base: str, cfg: RunConfig, task: str, labels: list[str], target_name: str,
+                  head: str = "pooler") -> list[str]:
     from tasks.modeling import _meta_model, head_module_names, model_config
 
     config = model_config(base, task, labels, trust_remote_code=cfg.model.trust_remote_code,
-                          revision=cfg.model.revision, target_name=target_name)
+                          revision=cfg.model.revision, target_name=target_name, head=head)
     return head_module_names(_meta_model(config, cfg.model.trust_remote_code))
 
 
@@ -169,7 +215,7 @@ def worker_command(run: Path, processes: int) -> list[str]:
     return [sys.executable, "-m", "tasks.train_worker", str(run)]
 
 
-def launch_worker(run: Path, processes: int, timeout_s: float, attempt: int) -> int:
+def launch_worker(run: Path, processes: int, timeout_s: float, attempt: int, threads: int | None = None) -> int:
     """Run the child in its own process group; kill the whole group past timeout_s. Returns the exit code."""
     logs = run / "logs"
     logs.mkdir(exist_ok=True)
@@ -177,6 +223,8 @@ def launch_worker(run: Path, processes: int, timeout_s: float, attempt: int) -> 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if threads:  # parallel search trials share the CPU cores instead of oversubscribing them
+        env["FINETUNE_TORCH_THREADS"] = str(threads)
     with open(log_file, "w", encoding="utf-8") as out:
         proc = subprocess.Popen(worker_command(run, processes), stdout=out, stderr=subprocess.STDOUT, env=env,
                                 cwd=str(REPO_ROOT), start_new_session=True)
@@ -201,6 +249,12 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
+def _finished(run: Path) -> bool:
+    if not (run / "training_summary.json").exists():
+        return False
+    return (run / "model").is_dir() or bool(read_json(run / "training_summary.json").get("trial"))
+
+
 def _result(run: Path, reused: bool) -> TrainResult:
     s = read_json(run / "training_summary.json")
     info = read_json(run / "run_info.json")
@@ -210,15 +264,29 @@ def _result(run: Path, reused: bool) -> TrainResult:
                        reused=reused, best_metric_name=s["best_metric_name"], oom_backoffs=s.get("oom_backoffs", []))
 
 
-def train_model(cfg: RunConfig, prepared_dir: str, tokenized_dir: str) -> TrainResult:
-    """Train (or reuse, or resume) the run for these inputs; returns paths and a few numbers."""
+def train_model(cfg: RunConfig, prepared_dir: str, tokenized_dir: str, *, trial: dict | None = None,
+                lr_search: dict | None = None) -> TrainResult:
+    """Train (or reuse, or resume) the run for these inputs; returns paths and a few numbers.
+
+    training.learning_rate auto without a search summary runs the search here, one trial after another
+    (the flow runs it as parallel tasks first and passes the winner's config + `lr_search`)."""
     from filelock import FileLock
 
-    run = prepare_run(cfg, prepared_dir, tokenized_dir)
-    if (run / "model").is_dir() and (run / "training_summary.json").exists():
+    if trial is None and lr_search is None and cfg.training.learning_rate == "auto":
+        from tasks.lr_search import search_learning_rate
+
+        from tasks.lr_search import with_rate
+
+        result = search_learning_rate(cfg, prepared_dir, tokenized_dir)
+        cfg, lr_search = with_rate(cfg, result.best_rate), result.summary()
+    run = prepare_run(cfg, prepared_dir, tokenized_dir, trial=trial, lr_search=lr_search)
+    if _finished(run):
         return _result(run, reused=True)
+    threads = None
+    if trial is not None and cfg.training.search.max_parallel > 1:
+        threads = max(1, (os.cpu_count() or 1) // cfg.training.search.max_parallel)
     with FileLock(str(run / ".train.lock")):
-        if (run / "model").is_dir() and (run / "training_summary.json").exists():
+        if _finished(run):
             return _result(run, reused=True)
         backoffs: list[dict] = read_json(run / "oom_backoff.json")["events"] if (run / "oom_backoff.json").exists() else []
         attempt = len(list((run / "logs").glob("attempt-*.log"))) + 1 if (run / "logs").is_dir() else 1
@@ -228,7 +296,7 @@ def train_model(cfg: RunConfig, prepared_dir: str, tokenized_dir: str) -> TrainR
             marker.unlink(missing_ok=True)
             resolved = read_json(run / "resolved_config.json")
             t = resolved["resolved_training"]
-            rc = launch_worker(run, cfg.training.processes, max(1.0, deadline - time.monotonic()), attempt)
+            rc = launch_worker(run, cfg.training.processes, max(1.0, deadline - time.monotonic()), attempt, threads)
             log_file = run / "logs" / f"attempt-{attempt}.log"
             attempt += 1
             if rc == 0:

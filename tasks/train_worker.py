@@ -9,12 +9,17 @@ effective_batch_size samples (grouped by length when configured), each split ove
 into micro-batches. The loss is a per-sample sum divided by the global batch size, so the update does
 not depend on the micro-batch size: an OOM back-off (halve micro, double accumulation) or a resume
 continues the same run. Test hooks (environment): FINETUNE_SIMULATE_OOM_ABOVE=N raises an out-of-memory
-error when the micro-batch is larger than N; FINETUNE_TEST_STEP_DELAY_S=x sleeps x s after each step.
+error when the micro-batch is larger than N; FINETUNE_TEST_STEP_DELAY_S=x sleeps x s after each step;
+FINETUNE_TEST_NAN_ABOVE_LR=x makes the loss NaN when the learning rate is above x (a diverging trial).
+
+Learning-rate trials (resolved_training "trial": true, "max_steps": N; tasks/lr_search.py) stop after N
+steps or at the first non-finite loss, score validation once and save no model or checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import resource
@@ -215,15 +220,21 @@ def run(run_dir: str, return_model: bool = False):
     micro, accum, eff = int(t["micro_batch_size"]), int(t["gradient_accumulation_steps"]), int(t["effective_batch_size"])
     oom_above = os.environ.get("FINETUNE_SIMULATE_OOM_ABOVE")
     step_delay = float(os.environ.get("FINETUNE_TEST_STEP_DELAY_S", "0") or 0)
+    nan_above = os.environ.get("FINETUNE_TEST_NAN_ABOVE_LR")  # test hook: rates above this diverge (NaN loss)
     _log(f"run {run.name}: method {info['method']}, task {task}, device {device}, processes {world}, "
          f"micro-batch {micro} x accumulation {accum} (effective {eff})", rank)
 
+    if os.environ.get("FINETUNE_TORCH_THREADS"):  # parallel search trials split the cores between them
+        torch.set_num_threads(max(1, int(os.environ["FINETUNE_TORCH_THREADS"])))
+    trial = bool(t.get("trial"))
+    max_steps = int(t["max_steps"]) if t.get("max_steps") else None
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
     tokenizer = load_tokenizer(info["tokenizer_path"], info.get("trust_remote_code", False), info.get("revision"))
     built = build_model(info["base_model"], task=task, labels=labels, method=info["method"], method_cfg=rc["method"],
                         pad_token_id=tokenizer.pad_token_id, trust_remote_code=info.get("trust_remote_code", False),
                         revision=info.get("revision"), device=device, gradient_checkpointing=t["gradient_checkpointing"],
-                        base_dtype=t.get("base_dtype", "float32"), seed=seed, target_name=info.get("target_name", "target"))
+                        base_dtype=t.get("base_dtype", "float32"), seed=seed, target_name=info.get("target_name", "target"),
+                        head=info.get("head", "pooler"))
     model = built.model
     if rank == 0:
         info.update(head_modules=built.head_modules, target_modules=built.target_modules,
@@ -239,6 +250,9 @@ def run(run_dir: str, return_model: bool = False):
     steps_per_epoch = len(plan_epoch(train.lengths, eff, world, seed, 0, t["group_by_length"]))
     epochs = int(t["epochs"])
     total_steps = steps_per_epoch * epochs
+    if max_steps:  # a learning-rate trial: the schedule spans the trial's budget
+        total_steps = min(total_steps, max_steps)
+        epochs = min(epochs, math.ceil(max_steps / max(1, steps_per_epoch)))
     optimizer = _optimizer(model, float(t["learning_rate"]), float(t["weight_decay"]))
     scheduler = _linear_schedule(optimizer, int(round(t["warmup_ratio"] * total_steps)), total_steps)
     autocast = _autocast_factory(t["precision"], device)
@@ -249,7 +263,8 @@ def run(run_dir: str, return_model: bool = False):
     state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "best_value": None, "best_step": None, "best_epoch": None,
              "bad_evals": 0, "stopped_early": False, "seconds": 0.0, "epochs_run": 0}
     resumed_from = 0
-    ckpt = latest_valid_checkpoint(ckpt_root, log=lambda m: _log(m, rank))
+    diverged = False
+    ckpt = None if trial else latest_valid_checkpoint(ckpt_root, log=lambda m: _log(m, rank))
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, scheduler, device)
         resumed_from = state["global_step"]
@@ -294,6 +309,8 @@ def run(run_dir: str, return_model: bool = False):
                     with autocast():
                         logits = model(**batch).logits
                     loss = loss_fn(logits, y) / len(gb)
+                    if nan_above and float(t["learning_rate"]) > float(nan_above):
+                        loss = loss * float("nan")
                     (scaler.scale(loss * world) if scaler else loss * world).backward()
                 step_loss += loss.detach()
             if world > 1:
@@ -316,12 +333,23 @@ def run(run_dir: str, return_model: bool = False):
                                        "loss": float(step_loss), "learning_rate": lr})
             if step_delay:
                 time.sleep(step_delay)
+            if trial and not math.isfinite(float(step_loss)):
+                diverged = True
+                _log(f"trial diverged: loss {float(step_loss)} at step {state['global_step']}", rank)
+                break
+            if max_steps and state["global_step"] >= max_steps:
+                break
             every = t.get("save_every_steps")
             if every and state["global_step"] % every == 0 and k + 1 < len(plan):
                 train_seconds += time.perf_counter() - t_epoch
                 checkpoint()
                 t_epoch = time.perf_counter()
         train_seconds += time.perf_counter() - t_epoch
+        if trial:  # no epoch-end evaluation or checkpoint: one validation score at the end of the budget
+            state.update(epochs_run=epoch + 1)
+            if diverged or (max_steps and state["global_step"] >= max_steps):
+                break
+            continue
         state.update(epoch=epoch + 1, step_in_epoch=0, epochs_run=epoch + 1)
         if (epoch + 1) % int(t["eval_every_epochs"]) == 0 or epoch + 1 == epochs:
             ev = evaluate(core, val, loss_fn, max(2 * micro, 32), device, autocast)
@@ -338,6 +366,9 @@ def run(run_dir: str, return_model: bool = False):
         checkpoint()
 
     state["seconds"] = base_seconds + time.perf_counter() - attempt_t0
+    if trial:
+        return _finish_trial(run, core, val, loss_fn, micro, device, autocast, es_key, state, diverged, t, rank,
+                             world, train_seconds, samples)
     note = None
     if state["best_step"] is not None and state["best_step"] != state["global_step"]:
         best_dir = ckpt_root / f"step-{state['best_step']}"
@@ -349,6 +380,11 @@ def run(run_dir: str, return_model: bool = False):
             last = _last_eval(metrics_path)
             note = (f"best checkpoint step-{state['best_step']} was unusable ({problem}); "
                     f"kept the final weights of step {state['global_step']}")
+            if rank == 0 and best_dir.is_dir():  # moved aside so that no later attempt trips over it again
+                aside = best_dir.with_name(f"corrupt-step-{state['best_step']}")
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(best_dir, aside)
+                note += f" (moved aside to {aside.name})"
             _log(f"WARNING: {note}", rank)
             state.update(best_step=state["global_step"], best_epoch=state["epochs_run"],
                          best_value=last.get(es_key) if last else None)
@@ -377,6 +413,38 @@ def run(run_dir: str, return_model: bool = False):
         dist.barrier()
         dist.destroy_process_group()
     return (summary, core) if return_model else summary
+
+
+def _finish_trial(run: Path, core, val: "Rows", loss_fn, micro: int, device: str, autocast, es_key: str, state: dict,
+                  diverged: bool, t: dict, rank: int, world: int, train_seconds: float, samples: int) -> dict | None:
+    """A learning-rate trial ends with one validation score; no model, no checkpoint."""
+    ev: dict = {}
+    if not diverged:
+        ev = evaluate(core, val, loss_fn, max(2 * micro, 32), device, autocast)
+        diverged = not math.isfinite(float(ev.get("val_loss", float("nan"))))
+    summary = None
+    if rank == 0:
+        if ev:
+            _append(run / "metrics.jsonl", {"type": "eval", "step": state["global_step"], "epoch": state["epochs_run"], **ev})
+        _log(f"trial lr {t['learning_rate']:g}, {state['global_step']} steps: "
+             + ("diverged" if diverged else ", ".join(f"{k} {v:.4f}" for k, v in ev.items())), rank)
+        summary = {"trial": True, "diverged": diverged, "final_eval": ev, "best_epoch": None,
+                   "best_step": state["global_step"], "best_metric_name": es_key, "best_metric": ev.get(es_key),
+                   "epochs_run": state["epochs_run"], "stopped_early": False, "global_step": state["global_step"],
+                   "seconds": round(base_seconds_of(state), 3), "train_seconds_this_attempt": round(train_seconds, 3),
+                   "samples_this_attempt": samples, "learning_rate": float(t["learning_rate"]),
+                   "max_steps": t.get("max_steps"), "resumed_from_step": 0}
+        write_json(run / "training_summary.json", summary)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def base_seconds_of(state: dict) -> float:
+    return float(state.get("seconds") or 0.0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -166,7 +166,7 @@ def _train_cfg(ws: Path, data: Path, model: Path, *sets: str):
 
     return load_config(None, [f"workspace={ws}", f"data.source={data}", f"model.name_or_path={model}",
                               "data.max_length=32", "training.effective_batch_size=8", "training.epochs=1",
-                              "training.early_stopping.patience=10", *sets])
+                              "training.early_stopping.patience=10", "training.learning_rate=null", *sets])
 
 
 def _prepared(cfg, model: Path) -> tuple[str, str]:

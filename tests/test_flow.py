@@ -35,7 +35,8 @@ def toy_csv(tmp_path) -> Path:
 def _cfg(workspace: Path, data: Path, model: Path, *sets: str):
     return load_config(None, [f"workspace={workspace}", f"data.source={data}", f"model.name_or_path={model}",
                               "training.epochs=1", "training.effective_batch_size=8", "data.max_length=32",
-                              "registry.name=toy", *sets])
+                              "registry.name=toy", "training.search.candidates=[0.0003, 0.003]",
+                              "training.search.rung_steps=[2]", *sets])
 
 
 def _run(cfg):
@@ -49,7 +50,7 @@ def _states(summary) -> dict[str, str]:
     return {k: v["state"] for k, v in summary["tasks"].items()}
 
 
-STAGES = ["prepare-data", "tokenize", "train", "evaluate", "export", "register"]
+STAGES = ["prepare-data", "tokenize", "lr-search", "train", "evaluate", "export", "register"]
 
 
 def test_rerun_is_all_cached_and_byte_or_eval_changes_rerun_the_right_stages(prefect_harness, tmp_path, toy_csv, tiny_bert):

@@ -51,7 +51,7 @@ def make_cfg(workspace: Path, source: Path, model: Path, task: str, method: str 
 
     ov = [f"workspace={workspace}", f"data.source={source}", f"model.name_or_path={model}", f"method.kind={method}",
           "data.max_length=32", "training.effective_batch_size=8", "training.epochs=4", "training.warmup_ratio=0.0",
-          "training.early_stopping.patience=10", f"data.task={task}"]
+          "training.early_stopping.patience=10", f"data.task={task}", "training.learning_rate=null"]
     if task == "regression":
         ov.append("data.class_weighting=none")
     return load_config(None, ov + list(extra or []))

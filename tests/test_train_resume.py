@@ -135,5 +135,6 @@ def test_unusable_best_checkpoint_keeps_the_final_weights_and_says_so(tmp_path, 
     assert f"WARNING: best checkpoint step-{first['best_step']} was unusable" in out
     assert again["best_step"] == again["global_step"] == first["global_step"] and again["best_epoch"] == 2
     assert "kept the final weights" in again["best_restore_note"]
-    assert again["best_metric"] == pytest.approx(_evals(run)[-1]["val_loss"])
+    assert again["best_metric_name"] == "f1_macro"  # early stopping auto: the evaluation's primary metric
+    assert again["best_metric"] == pytest.approx(_evals(run)[-1]["f1_macro"])
     assert (run / "model" / "adapter_model.safetensors").exists()

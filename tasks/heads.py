@@ -1,0 +1,102 @@
+"""Model-aware classification heads: respect how the checkpoint was trained.
+
+A sentence-transformers checkpoint whose `modules.json` + `1_Pooling/config.json` say mean pooling (the
+bundled all-MiniLM-L6-v2 does) gets a head on mean-pooled token states (tasks/modeling_mean_pooling.py),
+not on BERT's first-token pooler, whose weights come from the original pretraining and were never
+trained with the sentence embedding. Everything else keeps its architecture's own head.
+
+`model.head`: auto | pooler | mean. `resolve_head(setting, base)` -> "mean" | "pooler" (+ the reason).
+`register()` makes AutoConfig / AutoModelForSequenceClassification know the custom model type in this
+process (pipeline(), from_pretrained() without trust_remote_code). Imports stay light; torch and
+transformers load only in register()/wrap_config().
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MODEL_TYPE = "mean_pooling_classifier"
+HEADS = ("auto", "pooler", "mean")
+_registered = False
+
+
+def pooling_mode(base: str | Path) -> str | None:
+    """The pooling a sentence-transformers checkpoint was trained with ("mean", "cls", "max", ...), or None
+    when `base` is not a local sentence-transformers folder."""
+    root = Path(base)
+    modules = root / "modules.json"
+    if not modules.is_file():
+        return None
+    try:
+        entries = json.loads(modules.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for entry in entries if isinstance(entries, list) else []:
+        if str(entry.get("type", "")).endswith("models.Pooling"):
+            cfg_path = root / str(entry.get("path", "")) / "config.json"
+            try:
+                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            if cfg.get("pooling_mode"):
+                return str(cfg["pooling_mode"])
+            for mode in ("mean_tokens", "cls_token", "max_tokens", "lasttoken", "weightedmean_tokens",
+                         "mean_sqrt_len_tokens"):
+                if cfg.get(f"pooling_mode_{mode}"):
+                    return {"mean_tokens": "mean", "cls_token": "cls", "max_tokens": "max"}.get(mode, mode)
+            return None
+    return None
+
+
+def resolve_head(setting: str, base: str | Path) -> tuple[str, str]:
+    """("mean" | "pooler", why). auto: mean for a sentence-transformers checkpoint trained with mean pooling."""
+    if setting not in HEADS:
+        raise ValueError(f"unknown head {setting!r}; use one of {', '.join(HEADS)}")
+    if setting != "auto":
+        return setting, "model.head in the config"
+    mode = pooling_mode(base)
+    if mode == "mean":
+        return "mean", "sentence-transformers checkpoint trained with mean pooling (modules.json, 1_Pooling/config.json)"
+    if mode is None:
+        return "pooler", "not a sentence-transformers checkpoint: the architecture's own head"
+    return "pooler", f"sentence-transformers checkpoint with {mode} pooling: the architecture's own head"
+
+
+def register() -> None:
+    """Register the mean-pooling config/model with the Auto classes (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from tasks.modeling_mean_pooling import MeanPoolingConfig, MeanPoolingForSequenceClassification
+
+    try:
+        AutoConfig.register(MODEL_TYPE, MeanPoolingConfig, exist_ok=True)
+        AutoModelForSequenceClassification.register(MeanPoolingConfig, MeanPoolingForSequenceClassification, exist_ok=True)
+    except TypeError:  # older transformers without exist_ok
+        AutoConfig.register(MODEL_TYPE, MeanPoolingConfig)
+        AutoModelForSequenceClassification.register(MeanPoolingConfig, MeanPoolingForSequenceClassification)
+    _registered = True
+
+
+def wrap_config(encoder_config, **head_facts):
+    """A MeanPoolingConfig around a base (encoder) config; head_facts: num_labels, id2label, problem_type, ..."""
+    register()
+    from tasks.modeling_mean_pooling import MeanPoolingConfig
+
+    return MeanPoolingConfig(encoder=encoder_config, **head_facts)
+
+
+def is_mean_pooling(config) -> bool:
+    return getattr(config, "model_type", None) == MODEL_TYPE
+
+
+LOADER_NOTE = (
+    "This model uses a mean-pooling classification head (custom model type `mean_pooling_classifier`, code in "
+    "`modeling_mean_pooling.py` beside the weights). Load it with "
+    "`AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)` or "
+    "`pipeline(\"text-classification\", model=folder, trust_remote_code=True)`; inside this project "
+    "`import tasks.heads; tasks.heads.register()` makes it load without trust_remote_code."
+)
