@@ -38,18 +38,10 @@ def default_device() -> str:
 
 
 def disable_cpu_bf16_4bit(model) -> int:
-    """bitsandbytes on CPUs with avx512_bf16 repacks 4-bit weights at the first eval forward, which breaks
-    later training and makes results depend on the CPU; switch that path off on every Linear4bit."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # pragma: no cover - a dependency
-        return 0
-    n = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
+    """Switch off bitsandbytes' avx512_bf16 repacking on every Linear4bit (one implementation: modeling's)."""
+    from tasks.modeling import disable_cpu_bf16_packing
+
+    return disable_cpu_bf16_packing(model)
 
 
 def batched_logits(
