@@ -244,9 +244,12 @@ def production_adapter(cfg: RunConfig) -> Path | None:
     version, or a full fine-tune). The training stage does not consume it yet (see docs/deployments.md)."""
     if cfg.retrain.start_from != "production":
         return None
-    from tasks.registry import model_root, production_version
+    from tasks.registry import RegistryError, model_root, production_version
 
-    version = production_version(cfg.workspace_path(), cfg.registry.name)
+    try:
+        version = production_version(cfg.workspace_path(), cfg.registry.name)
+    except RegistryError:  # nothing registered under this name yet: the first run starts from the base
+        return None
     if version is None:
         return None
     adapter = model_root(cfg.workspace_path(), cfg.registry.name) / "versions" / str(version) / "model" / "adapter"

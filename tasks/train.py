@@ -113,15 +113,30 @@ def resolved_head(cfg: RunConfig, base: str | None = None) -> tuple[str, str]:
     return resolve_head(cfg.model.head, base or resolve_model(cfg.model))
 
 
+def start_adapter(cfg: RunConfig, method: str) -> Path | None:
+    """retrain.start_from=production with an adapter method: the production version's adapter folder."""
+    if method not in ("lora", "qlora", "dora") or cfg.retrain.start_from != "production":
+        return None
+    from tasks.retrain import production_adapter
+
+    return production_adapter(cfg)
+
+
 def run_key(cfg: RunConfig, dataset_fp: str, tokenized_key: str, base_fp: str, method: str) -> str:
     training = cfg.training.model_dump(mode="json", exclude=set(KEY_EXCLUDED_TRAINING))
-    return sha256_json({
+    payload = {
         "dataset": dataset_fp, "tokenized": tokenized_key, "base_model": base_fp,
         "model": {"trust_remote_code": cfg.model.trust_remote_code, "revision": cfg.model.revision,
                   "head": resolved_head(cfg)[0]},
         "method": cfg.method.model_dump(mode="json"), "resolved_method": method, "training": training,
         "max_length": cfg.data.max_length, "version": TRAIN_VERSION,
-    })[:20]
+    }
+    start = start_adapter(cfg, method)
+    if start is not None:  # continuing from production: its adapter is an input like the base model
+        from tasks.files import sha256_tree
+
+        payload["start_adapter"] = sha256_tree(start)
+    return sha256_json(payload)[:20]
 
 
 def prepare_run(cfg: RunConfig, prepared_dir: str, tokenized_dir: str, device: str | None = None,
@@ -179,6 +194,7 @@ def prepare_run(cfg: RunConfig, prepared_dir: str, tokenized_dir: str, device: s
     info_path = run / "run_info.json"
     old = read_json(info_path) if info_path.exists() else {}
     head, head_reason = resolved_head(cfg, base)
+    start = start_adapter(cfg, method) if trial is None else None
     info = {
         "method": method, "base_model": base, "base_model_fingerprint": model_fingerprint(cfg.model),
         "revision": cfg.model.revision, "trust_remote_code": cfg.model.trust_remote_code, "task": task,
@@ -188,6 +204,7 @@ def prepare_run(cfg: RunConfig, prepared_dir: str, tokenized_dir: str, device: s
         "tokenizer_path": tok_info.get("tokenizer", base), "prepared_path": str(Path(prepared_dir).resolve()),
         "quantization": quant, "head_modules": old.get("head_modules", []), "run_key": key,
         "head": head, "head_reason": head_reason,
+        "start_adapter": str(start) if start is not None else None,
     }
     if quant is not None:
         quant["skip_modules"] = _head_modules(base, cfg, task, labels, info["target_name"], head)

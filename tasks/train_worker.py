@@ -192,6 +192,20 @@ def _append(path: Path, obj: dict) -> None:
         fh.write(json.dumps(obj) + "\n")
 
 
+def _load_start_adapter(model, adapter: Path, rank: int) -> None:
+    """retrain.start_from=production: start from the production adapter's weights (adapters and head)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(adapter / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, state)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise ValueError(f"the production adapter {adapter} does not fit this model ({len(unexpected)} unexpected "
+                         f"tensors, e.g. {unexpected[0]}); fix: retrain.start_from=base")
+    _log(f"initialised {len(state)} adapter/head tensors from the production adapter {adapter}", rank)
+
+
 def run(run_dir: str, return_model: bool = False):
     """Train the run described by `run_dir`; returns the summary dict (and the model if asked)."""
     import torch
@@ -236,6 +250,8 @@ def run(run_dir: str, return_model: bool = False):
                         base_dtype=t.get("base_dtype", "float32"), seed=seed, target_name=info.get("target_name", "target"),
                         head=info.get("head", "pooler"))
     model = built.model
+    if info.get("start_adapter"):
+        _load_start_adapter(model, Path(info["start_adapter"]), rank)
     if rank == 0:
         info.update(head_modules=built.head_modules, target_modules=built.target_modules,
                     trainable_parameters=built.trainable_parameters, total_parameters=built.total_parameters,
