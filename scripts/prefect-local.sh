@@ -71,6 +71,23 @@ start_bg() {  # start_bg PIDFILE LOG CMD...: own session (PGID = PID), so stop_g
   echo $! >"$pidfile"
 }
 
+worker_started() { grep -q "started" "$HOME_DIR/worker.log" 2>/dev/null; }
+
+# await_start NAME WHAT CHECK: wait up to WAIT_S for CHECK to succeed; if NAME's process dies first, show its log
+await_start() {
+  local name="$1" what="$2" check="$3"
+  for _ in $(seq 1 $((WAIT_S * 2))); do
+    "$check" && return 0
+    if ! alive "$HOME_DIR/$name.pid"; then
+      echo "error: $what exited; last lines of $HOME_DIR/$name.log:" >&2
+      tail -n 30 "$HOME_DIR/$name.log" >&2 || true
+      rm -f "$HOME_DIR/$name.pid"
+      exit 1
+    fi
+    sleep 0.5
+  done
+}
+
 case "${1:-}" in
   server-start)
     if alive "$HOME_DIR/server.pid"; then
@@ -84,16 +101,7 @@ case "${1:-}" in
         PREFECT_API_DATABASE_CONNECTION_URL="sqlite+aiosqlite:///$HOME_DIR/prefect.db" \
         start_bg "$HOME_DIR/server.pid" "$HOME_DIR/server.log" \
         "$BIN/prefect" server start --host "$HOST" --port "$PORT" --analytics-off
-      for _ in $(seq 1 $((WAIT_S * 2))); do
-        healthy && break
-        if ! alive "$HOME_DIR/server.pid"; then
-          echo "error: the Prefect server exited; last lines of $HOME_DIR/server.log:" >&2
-          tail -n 30 "$HOME_DIR/server.log" >&2 || true
-          rm -f "$HOME_DIR/server.pid"
-          exit 1
-        fi
-        sleep 0.5
-      done
+      await_start server "the Prefect server" healthy
       healthy || { echo "error: no answer from $API after ${WAIT_S}s; see $HOME_DIR/server.log" >&2; exit 1; }
       echo "Prefect server running (pid $(cat "$HOME_DIR/server.pid")); database $HOME_DIR/prefect.db, log $HOME_DIR/server.log"
     fi
@@ -130,16 +138,7 @@ case "${1:-}" in
     # flow runs inherit this environment; the deployments' pull step runs them in $PWD (the project root)
     start_bg "$HOME_DIR/worker.pid" "$HOME_DIR/worker.log" \
       "$BIN/prefect" worker start --pool "$POOL" --type process --name "finetune-local-$PORT"
-    for _ in $(seq 1 $((WAIT_S * 2))); do
-      grep -q "started" "$HOME_DIR/worker.log" 2>/dev/null && break
-      if ! alive "$HOME_DIR/worker.pid"; then
-        echo "error: the worker exited; last lines of $HOME_DIR/worker.log:" >&2
-        tail -n 30 "$HOME_DIR/worker.log" >&2 || true
-        rm -f "$HOME_DIR/worker.pid"
-        exit 1
-      fi
-      sleep 0.5
-    done
+    await_start worker "the worker" worker_started
     echo "worker running (pid $(cat "$HOME_DIR/worker.pid")) on pool '$POOL'; log $HOME_DIR/worker.log"
     ;;
   worker-stop)
