@@ -27,11 +27,14 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
 DATASETS = {
-    "sms_spam": {"train": "sms_spam/train.csv", "test": "sms_spam/test.csv", "sets": [], "report": ["f1:spam", "f1_macro"]},
-    "sst2": {"train": "sst2/train.csv", "test": "sst2/validation.csv", "sets": [], "report": ["accuracy", "f1_macro"]},
-    "ag_news": {"train": "ag_news/train.csv", "test": "ag_news/test.csv", "sets": [], "report": ["accuracy", "f1_macro"]},
+    "sms_spam": {"train": "sms_spam/train.csv", "test": "sms_spam/test.csv", "sets": ["data.task=single_label"],
+                 "report": ["f1:spam", "f1_macro"]},
+    "sst2": {"train": "sst2/train.csv", "test": "sst2/validation.csv", "sets": ["data.task=single_label"],
+             "report": ["accuracy", "f1_macro"]},
+    "ag_news": {"train": "ag_news/train.csv", "test": "ag_news/test.csv", "sets": ["data.task=single_label"],
+                "report": ["accuracy", "f1_macro"]},
     "goemotions": {"train": "goemotions/train.jsonl", "test": "goemotions/validation.jsonl",
-                   "sets": ["data.label_column=labels"], "report": ["f1_micro", "f1_macro"]},
+                   "sets": ["data.task=multi_label", "data.label_column=labels"], "report": ["f1_micro", "f1_macro"]},
 }
 
 
@@ -45,7 +48,7 @@ def run_one(dataset: str, method: str, weighting: str | None, max_rows: int, ws:
     spec = DATASETS[dataset]
     summary = ws / f"{dataset}-{method}-{weighting or 'default'}.json"
     sets = [f"workspace={ws}", f"data.source.train={DATA / spec['train']}", f"data.source.test={DATA / spec['test']}",
-            f"data.max_rows={max_rows}", "data.task=auto", f"method.kind={method}", f"registry.name=q-{dataset}-{method}",
+            f"data.max_rows={max_rows}", f"method.kind={method}", f"registry.name=q-{dataset}-{method}",
             *spec["sets"], *extra]
     if weighting:
         sets.append(f"data.class_weighting={weighting}")
@@ -70,12 +73,15 @@ def run_one(dataset: str, method: str, weighting: str | None, max_rows: int, ws:
         "learning_rate": rc.get("learning_rate"), "learning_rate_source": rc.get("learning_rate_source"),
         "epochs_run": ts.get("epochs_run"), "best_epoch": ts.get("best_epoch"), "train_s": ts.get("seconds"),
         "primary_metric": s.get("primary_metric"),
+        "search_s": (s["tasks"].get("lr-search") or {}).get("seconds"),
+        "train_task_s": (s["tasks"].get("train") or {}).get("seconds"),
     })
+    # a finished run folder with the same content key (e.g. from benchmarks/recipes.py) is reused, not retrained
+    row["reused_training"] = bool(row["train_s"] and (row["train_task_s"] or 0) < 0.5 * row["train_s"])
     for name in spec["report"]:
         row[name] = _value(s["metrics"], per_class, name)
         for b, vals in (ev.get("baselines") or {}).items():
-            bm = vals.get("metrics", vals) if isinstance(vals, dict) else {}
-            row[f"{b}:{name}"] = _value(bm, bm.get("per_class") or {}, name)
+            row[f"{b}:{name}"] = _value(vals.get("metrics") or {}, vals.get("per_class") or {}, name)
     row["beats_tfidf"] = s.get("beats_tfidf")
     return row
 
@@ -89,16 +95,18 @@ def write_results(rows: list[dict], path: Path, command: str) -> None:
              f"Command: `{command}`", "",
              "CPU only (2 cores), bundled all-MiniLM-L6-v2, the shipped defaults; train subsampled to `max_rows` "
              "(seeded, stratified), the dataset's own test file used whole (SST-2: its validation file).", "",
-             "| dataset | method | weighting | metric | model | TF-IDF | majority | lr | epochs | train s | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| dataset | method | weighting | metric | model | TF-IDF | majority | beats TF-IDF (primary) | lr | epochs | train s | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if not r.get("ok"):
-            lines.append(f"| {r['dataset']} | {r['method']} | {r['class_weighting']} | failed: {r.get('error', '')[:120]!r} |||||||")
+            lines.append(f"| {r['dataset']} | {r['method']} | {r['class_weighting']} | failed: {r.get('error', '')[:120]!r} ||||||||")
             continue
         for name in DATASETS[r["dataset"]]["report"]:
             lines.append(f"| {r['dataset']} | {r['method']} | {r['class_weighting']} | {name} | {_fmt(r.get(name))} | "
-                         f"{_fmt(r.get('tfidf:' + name))} | {_fmt(r.get('majority:' + name))} | {_fmt(r.get('learning_rate'))} | "
-                         f"{r.get('epochs_run')} | {_fmt(r.get('train_s'))} | {r['wall_s']} |")
+                         f"{_fmt(r.get('tfidf:' + name))} | {_fmt(r.get('majority:' + name))} | "
+                         f"{'yes' if r.get('beats_tfidf') else '**no**'} ({r.get('primary_metric')}) | {r.get('learning_rate'):g} | "
+                         f"{r.get('epochs_run')} | {_fmt(r.get('train_s'))}{' (reused)' if r.get('reused_training') else ''} | "
+                         f"{r['wall_s']} |")
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     marker = "## Quality on real data"
     if marker in text:
@@ -113,17 +121,21 @@ def main() -> None:
     ap.add_argument("--methods", default="full,lora,qlora")
     ap.add_argument("--set", dest="sets", action="append", default=[])
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
+    ap.add_argument("--workspace", default=None,
+                    help="Run in this workspace (kept) instead of a temporary one. Sharing the one benchmarks/recipes.py "
+                         "used reuses its finished stages (same content keys), e.g. its auto full/LoRA runs.")
     args = ap.parse_args()
     if not DATA.exists():
         print(json.dumps({"benchmark": "quality", "skipped": f"{DATA} is absent"}))
         return
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
+        ws = Path(args.workspace).resolve() if args.workspace else Path(tmp)
         for dataset in args.datasets.split(","):
             for method in args.methods.split(","):
                 variants = [None, "none"] if dataset == "sms_spam" and method == "full" else [None]
                 for weighting in variants:
-                    row = run_one(dataset, method, weighting, args.max_rows, Path(tmp), args.sets)
+                    row = run_one(dataset, method, weighting, args.max_rows, ws, args.sets)
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     write_results(rows, Path(args.results), "python benchmarks/quality.py " + " ".join(sys.argv[1:]))

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.files import read_json
-from tasks.metrics import compute_metrics, higher_is_better, primary_metric, tune_thresholds
+from tasks.metrics import compute_metrics, higher_is_better, metric_details, primary_metric, tune_thresholds
 
 LARGE_TRAIN = 20_000  # above this many train rows the C/alpha grid shrinks to one value (fit time)
 C_GRID = (0.5, 2.0, 8.0)
@@ -159,7 +159,8 @@ def baseline_scores(prepared_dir: str | Path, names: tuple[str, ...] = ("majorit
 
 
 def score_baselines(prepared_dir: str | Path) -> dict[str, dict]:
-    """Test metrics of every baseline: {name: {"metrics": {...}, "settings": {...}, "seconds": s}}."""
+    """Test metrics of every baseline: {name: {"metrics": {...}, "per_class": {...}, "settings": {...}, "seconds": s}}
+    (per_class for classification tasks: the per-class precision/recall/F1 a report compares, e.g. spam F1)."""
     manifest = read_json(Path(prepared_dir) / "manifest.json")
     task, labels = manifest["task"], manifest["labels"]
     from tasks.data import load_split
@@ -167,6 +168,8 @@ def score_baselines(prepared_dir: str | Path) -> dict[str, dict]:
     y_test = load_split(prepared_dir, "test")["label"].tolist()
     result = {}
     for name, b in baseline_scores(prepared_dir).items():
-        metrics = compute_metrics(task, labels, y_test, b.test, b.thresholds)
-        result[name] = {"metrics": metrics, "settings": b.settings, "seconds": round(b.seconds, 3)}
+        details = metric_details(task, labels, y_test, b.test, b.thresholds)
+        metrics = {k: float(v) for k, v in details["metrics"].items() if v is not None}
+        result[name] = {"metrics": metrics, "per_class": details.get("per_class", {}), "settings": b.settings,
+                        "seconds": round(b.seconds, 3)}
     return result

@@ -87,6 +87,9 @@ def test_single_label_end_to_end_files_are_consistent_and_tfidf_loss_is_loud(tmp
     assert set(m["per_class"]) == set(prepared.labels)
     assert set(m["baselines"]) == {"majority", "tfidf"}
     assert m["baselines"]["tfidf"]["metrics"]["f1_macro"] > 0.9
+    tf_per_class = m["baselines"]["tfidf"]["per_class"]  # per-class F1 of a baseline, e.g. the spam-class F1
+    assert set(tf_per_class) == set(prepared.labels)
+    assert np.mean([c["f1"] for c in tf_per_class.values()]) == pytest.approx(m["baselines"]["tfidf"]["metrics"]["f1_macro"])
 
     # an untrained model loses to TF-IDF on a learnable set: flagged loudly
     assert res.beats_tfidf is False and m["comparison"]["beats_tfidf"] is False
