@@ -56,7 +56,7 @@ def estimate_command(
     try:
         from tasks.base_model import resolve_model
         from tasks.config import resolve_training
-        from tasks.modeling import estimate_memory, format_estimate
+        from tasks.memory import estimate_memory, format_estimate
 
         micro = resolve_training(cfg)["micro_batch_size"]
         est = estimate_memory(resolve_model(cfg.model), cfg.method.model_dump(mode="json"), micro_batch_size=micro,

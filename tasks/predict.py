@@ -8,7 +8,6 @@ inside functions, so importing this module stays cheap.
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -155,12 +154,6 @@ def load_exported_model(model_dir: str | Path, trust_remote_code: bool = False, 
 
 # ---- loading trained runs (the export stage verifies merges with these) ---------------------------
 
-def _torch_dtype(name: str | None):
-    import torch
-
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name or "float32", torch.float32)
-
-
 def _run_tokenizer(run: Path, info: dict):
     from tasks.tokenize import load_tokenizer
 
@@ -169,49 +162,11 @@ def _run_tokenizer(run: Path, info: dict):
 
 
 def load_base(info: dict, tokenizer, quantized: bool = False):
-    """The base model with the run's classification head shape (4-bit when quantized), full precision otherwise."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
+    """The base model with the run's classification head (4-bit when quantized, full precision otherwise):
+    tasks.modeling.load_run_base, on the CPU (load_adapter_model moves it)."""
+    from tasks.modeling import load_run_base
 
-    labels = list(info.get("labels") or [])
-    n = int(info.get("num_labels") or len(labels) or 1)
-    if info.get("task") == "regression" or info.get("problem_type") == "regression":
-        labels = [info.get("target_name") or "target"]
-    kwargs: dict[str, Any] = dict(num_labels=n, problem_type=info.get("problem_type"),
-                                  trust_remote_code=bool(info.get("trust_remote_code", False)), revision=info.get("revision"))
-    if len(labels) == n:
-        kwargs["id2label"] = dict(enumerate(labels))
-        kwargs["label2id"] = {lab: i for i, lab in enumerate(labels)}
-    q = info.get("quantization")
-    if quantized and q:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=q.get("quant_type", "nf4"),
-            bnb_4bit_use_double_quant=bool(q.get("double_quant", False)),
-            bnb_4bit_compute_dtype=_torch_dtype(q.get("compute_dtype")),
-            llm_int8_skip_modules=list(q.get("skip_modules") or []),
-        )
-    else:
-        kwargs["dtype"] = torch.float32
-    if info.get("head") == "mean":  # the run trained a mean-pooling head (tasks/heads.py)
-        from transformers import AutoConfig
-
-        from tasks.heads import wrap_config
-
-        facts = {k: kwargs.pop(k) for k in ("num_labels", "problem_type", "id2label", "label2id") if k in kwargs}
-        kwargs["config"] = wrap_config(AutoConfig.from_pretrained(info["base_model"], trust_remote_code=kwargs["trust_remote_code"],
-                                                                  revision=kwargs["revision"]), **facts)
-        if tokenizer.pad_token_id is not None:
-            kwargs["config"].pad_token_id = tokenizer.pad_token_id
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForSequenceClassification.from_pretrained(info["base_model"], **kwargs)
-    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    if quantized:
-        disable_cpu_bf16_4bit(model)
-    return model
+    return load_run_base(info, tokenizer.pad_token_id, "cpu", quantized=quantized)
 
 
 def load_adapter_model(run_dir: str | Path, quantized: bool = False):

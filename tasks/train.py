@@ -56,10 +56,10 @@ class TrainResult:
 
 
 def resolve_method(cfg: RunConfig, base: str, max_length: int, micro: int) -> tuple[str, dict | None]:
-    """The method to train with; `auto` asks the memory estimate (tasks.modeling.estimate_memory)."""
+    """The method to train with; `auto` asks the memory estimate (tasks.memory.estimate_memory)."""
     if cfg.method.kind != "auto":
         return cfg.method.kind, None
-    from tasks.modeling import estimate_memory
+    from tasks.memory import estimate_memory
 
     est = estimate_memory(base, cfg.method.model_dump(mode="json"), micro_batch_size=micro, max_length=max_length,
                           trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)

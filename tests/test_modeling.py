@@ -88,26 +88,26 @@ def test_qlora_on_cpu_keeps_head_out_of_4bit_and_trains_after_an_eval_forward(ti
 def test_memory_estimate_and_auto_choice(tiny_bert, tmp_path, monkeypatch):
     from transformers import LlamaConfig
 
-    import tasks.modeling as modeling
+    import tasks.memory as memory
 
-    est = modeling.estimate_memory(str(tiny_bert), {"lora_r": 8}, micro_batch_size=16, max_length=128)
+    est = memory.estimate_memory(str(tiny_bert), {"lora_r": 8}, micro_batch_size=16, max_length=128)
     m = {k: v["bytes"] for k, v in est["methods"].items()}
     assert est["choice"] == "full" and est["parameters"] < 1e6
     assert m["full"]["optimizer"] > m["lora"]["optimizer"] and m["qlora"]["weights"] < m["lora"]["weights"]
-    assert "auto choice: full" in modeling.format_estimate(est)
+    assert "auto choice: full" in memory.format_estimate(est)
 
     # a 1.3B-parameter decoder (config only: the estimate never loads weights)
     big = tmp_path / "big"
     LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=22, num_attention_heads=16,
                 num_key_value_heads=16).save_pretrained(big)
-    monkeypatch.setattr(modeling, "available_memory_bytes", lambda device: 64 * 1024**3)
-    est = modeling.estimate_memory(str(big), {"lora_r": 8}, micro_batch_size=4, max_length=256, device="cpu")
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 64 * 1024**3)
+    est = memory.estimate_memory(str(big), {"lora_r": 8}, micro_batch_size=4, max_length=256, device="cpu")
     assert est["parameters"] > 1e9 and est["choice"] == "lora"
-    monkeypatch.setattr(modeling, "available_memory_bytes", lambda device: 8 * 1024**3)
-    est = modeling.estimate_memory(str(big), {"lora_r": 8}, micro_batch_size=4, max_length=256, device="cpu")
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 8 * 1024**3)
+    est = memory.estimate_memory(str(big), {"lora_r": 8}, micro_batch_size=4, max_length=256, device="cpu")
     assert est["choice"] == "qlora" and est["methods"]["qlora"]["fits"] and not est["methods"]["lora"]["fits"]
-    monkeypatch.setattr(modeling, "available_memory_bytes", lambda device: 256 * 1024**2)
-    est = modeling.estimate_memory(str(big), {"lora_r": 8}, micro_batch_size=4, max_length=256, device="cpu")
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 256 * 1024**2)
+    est = memory.estimate_memory(str(big), {"lora_r": 8}, micro_batch_size=4, max_length=256, device="cpu")
     assert est["choice"] is None and "no method fits" in est["reason"]
 
 
