@@ -102,7 +102,7 @@ def main() -> None:
     from tasks.files import read_json
     from tasks.tokenize import tokenize_dataset
     from tasks.train import prepare_run
-    from tasks.train_worker import plan_epoch
+    from tasks.batching import plan_epoch
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     env = _child_env(tmp)

@@ -299,7 +299,7 @@ def _register_key(config: RunConfig, exported, evaluated) -> tuple[str, Path]:
 
 
 TRAINING_CODE = ("tasks.train", "tasks.train_worker", "tasks.train_checkpoints", "tasks.modeling", "tasks.memory",
-                 "tasks.losses", "tasks.heads", "tasks.modeling_mean_pooling")
+                 "tasks.batching", "tasks.losses", "tasks.heads", "tasks.modeling_mean_pooling")
 LR_TRIAL = Stage("lr-trial", lr_trial, _lr_trial_key, TRAINING_CODE + ("tasks.lr_search",), retries=1, timeout_s=None,
                  description="Train one candidate learning rate briefly and score it on validation.")
 TRAIN = Stage("train", train, _train_key, TRAINING_CODE,

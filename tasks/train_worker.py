@@ -4,7 +4,7 @@ Reads everything from the run folder (resolved_config.json, run_info.json, the p
 datasets it names), trains with a small explicit loop, and writes checkpoints, metrics.jsonl, the best
 model and training_summary.json back into it. Shared by every method (DESIGN.md rule 5).
 
-Batches are planned per optimizer step: each epoch is a seeded list of *global* batches of
+Batches are planned per optimizer step (tasks/batching.py): each epoch is a seeded list of *global* batches of
 effective_batch_size samples (grouped by length when configured), each split over processes and then
 into micro-batches. The loss is a per-sample sum divided by the global batch size, so the update does
 not depend on the micro-batch size: an OOM back-off (halve micro, double accumulation) or a resume
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.batching import Rows, micro_batches, plan_epoch
 from tasks.files import atomic_dir, read_json, write_json
 from tasks.losses import class_weight_vector, is_better, make_loss, validation_metrics
 from tasks.train_checkpoints import (latest_valid_checkpoint, load_checkpoint, prune_checkpoints, restore_trainable,
@@ -42,70 +43,6 @@ OOM_MARKER = "worker_oom.json"
 def _log(msg: str, rank: int = 0) -> None:
     if rank == 0:
         print(f"[train_worker] {msg}", flush=True)
-
-
-class Rows:
-    """One tokenized split held as Python lists, with dynamic padding per micro-batch."""
-
-    def __init__(self, path: str, task: str, pad_id: int):
-        import datasets
-
-        d = datasets.load_from_disk(path).to_dict()
-        self.input_ids = d["input_ids"]
-        self.token_type_ids = d.get("token_type_ids")
-        self.labels = d["labels"]
-        self.lengths = np.asarray(d["length"], dtype=np.int64)
-        self.task, self.pad_id = task, pad_id
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def collate(self, idx: list[int], device: str):
-        import torch
-
-        n, width = len(idx), int(self.lengths[idx].max())
-        ids = np.full((n, width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((n, width), dtype=np.int64)
-        tt = np.zeros((n, width), dtype=np.int64) if self.token_type_ids is not None else None
-        for r, i in enumerate(idx):
-            k = len(self.input_ids[i])
-            ids[r, :k], mask[r, :k] = self.input_ids[i], 1
-            if tt is not None:
-                tt[r, :k] = self.token_type_ids[i]
-        batch = {"input_ids": torch.from_numpy(ids).to(device), "attention_mask": torch.from_numpy(mask).to(device)}
-        if tt is not None:
-            batch["token_type_ids"] = torch.from_numpy(tt).to(device)
-        lab = [self.labels[i] for i in idx]
-        dtype = torch.long if self.task == "single_label" else torch.float32
-        return batch, torch.tensor(lab, dtype=dtype, device=device)
-
-
-def plan_epoch(lengths: np.ndarray, global_batch: int, world: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
-    """The epoch's global batches (sample indices), seeded by (seed, epoch); independent of micro-batching.
-
-    Grouping by length: shuffle, cut into mega-chunks of 50 global batches, sort each by length, cut
-    into global batches and shuffle their order (like transformers' LengthGroupedSampler). A final batch
-    with fewer samples than processes is dropped (every process needs one).
-    """
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths))
-    if group_by_length:
-        mega = global_batch * 50
-        chunks = [order[i:i + mega] for i in range(0, len(order), mega)]
-        order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in chunks])
-    batches = [order[i:i + global_batch].tolist() for i in range(0, len(order), global_batch)]
-    if batches and len(batches[-1]) < world:
-        batches.pop()
-    if group_by_length:
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-    return batches
-
-
-def micro_batches(global_batch: list[int], rank: int, world: int, micro: int, lengths: np.ndarray) -> list[list[int]]:
-    """This process's share of a global batch, sorted by length and cut into micro-batches."""
-    mine = np.asarray(global_batch[rank::world])
-    mine = mine[np.argsort(-lengths[mine], kind="stable")].tolist()
-    return [mine[i:i + micro] for i in range(0, len(mine), micro)]
 
 
 def _linear_schedule(optimizer, warmup: int, total: int):

@@ -120,6 +120,7 @@ def test_method_task_learns_and_changes_only_intended_params(request, tmp_path, 
     import torch
 
     from tasks import train_worker
+    from tasks.batching import Rows
     from tasks.files import read_json
     from tasks.losses import make_loss
     from tasks.modeling import build_model
@@ -143,7 +144,7 @@ def test_method_task_learns_and_changes_only_intended_params(request, tmp_path, 
     tok = load_tokenizer(str(model_dir))
     start = build_model(str(model_dir), task=task, labels=info["labels"], method=method, method_cfg=cfg.method.model_dump(),
                         pad_token_id=tok.pad_token_id, seed=cfg.training.seed).model
-    rows = train_worker.Rows(str(Path(info["tokenized_path"]) / "train"), task, tok.pad_token_id)
+    rows = Rows(str(Path(info["tokenized_path"]) / "train"), task, tok.pad_token_id)
     loss_fn = make_loss(task)
     loss_before = train_worker.evaluate(start, rows, loss_fn, 64, "cpu", contextlib.nullcontext)["val_loss"]
     loss_after = train_worker.evaluate(trained, rows, loss_fn, 64, "cpu", contextlib.nullcontext)["val_loss"]
