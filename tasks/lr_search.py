@@ -135,7 +135,7 @@ def trial_key(cfg, dataset_fp: str, tokenized_key: str, base_fp: str, method: st
     return sha256_json({
         "dataset": dataset_fp, "tokenized": tokenized_key, "base_model": base_fp,
         "model": {"trust_remote_code": cfg.model.trust_remote_code, "revision": cfg.model.revision,
-                  "head": resolve_head(cfg.model.head, resolve_model(cfg.model))[0]},
+                  "head": resolve_head(cfg.model.head, resolve_model(cfg.model), cfg.model.revision)[0]},
         "method": cfg.method.model_dump(mode="json"), "resolved_method": method, "training": training,
         "max_length": cfg.data.max_length, "rate": float(rate), "steps": int(steps), "version": SEARCH_VERSION,
     })[:20]

@@ -110,7 +110,7 @@ def early_stopping_metric(cfg: RunConfig, task: str) -> str:
 def resolved_head(cfg: RunConfig, base: str | None = None) -> tuple[str, str]:
     from tasks.heads import resolve_head
 
-    return resolve_head(cfg.model.head, base or resolve_model(cfg.model))
+    return resolve_head(cfg.model.head, base or resolve_model(cfg.model), cfg.model.revision)
 
 
 def start_adapter(cfg: RunConfig, method: str) -> Path | None:

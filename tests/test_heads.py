@@ -37,6 +37,31 @@ def test_pooling_detection(tmp_path, tiny_bert):
         resolve_head("max", tiny_bert)
 
 
+def test_hub_id_is_detected_from_the_hugging_face_cache(tmp_path, tiny_bert):
+    """A Hub id (not a local folder) is read through huggingface_hub: here offline, from a cache laid out
+    as hf_hub_download leaves it, so the mean-pooling checkpoint is recognised without a network."""
+    cache = tmp_path / "hub"
+    for repo, mode in (("org/st-mean", "mean"), ("org/st-cls", "cls"), ("org/plain", None)):
+        snap = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / ("a" * 40)
+        if mode:
+            st_copy(tiny_bert, snap, mode)
+        else:
+            shutil.copytree(tiny_bert, snap)
+        (snap.parents[1] / "refs").mkdir()
+        (snap.parents[1] / "refs" / "main").write_text("a" * 40)
+    code = ("import json; from tasks.heads import pooling_mode, resolve_head; "
+            "print(json.dumps([[pooling_mode(r), resolve_head('auto', r)] for r in "
+            "('org/st-mean', 'org/st-cls', 'org/plain', 'org/not-cached')]))")
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    (m_mode, m_head), (c_mode, c_head), (p_mode, p_head), (n_mode, n_head) = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (m_mode, m_head[0]) == ("mean", "mean") and "mean pooling" in m_head[1]
+    assert (c_mode, c_head[0]) == ("cls", "pooler") and "cls pooling" in c_head[1]
+    assert (p_mode, p_head[0]) == (None, "pooler") and (n_mode, n_head[0]) == (None, "pooler")
+
+
 def test_bundled_minilm_is_detected_as_mean_pooling():
     from tasks.base_model import resolve_model
     from tasks.config import ModelConfig
