@@ -79,7 +79,13 @@ def make_loss(task: str, weights: list[float] | None = None, device: str = "cpu"
 
 
 def validation_metrics(task: str, y_true: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
-    """Small scikit-learn helper: accuracy/f1 (single), f1 at 0.5 (multi), mse/mae/r2 (regression)."""
+    """Validation scores that pick epochs (early stopping) and learning rates (tasks/lr_search.py).
+
+    single_label: accuracy/f1 from argmax; regression: mse/mae/r2. multi_label: the decision rule the final
+    evaluation applies (per-label thresholds tuned on validation, tasks.metrics.tune_thresholds), so that
+    selection and the reported test score agree: F1 at a fixed 0.5 says little about a model trained with
+    pos_weight (it scores every label high) and, measured on GoEmotions, picked the wrong epoch and rate.
+    F1 at 0.5 stays in the record as f1_micro_at_half / f1_macro_at_half."""
     from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, mean_squared_error, r2_score
 
     if task == "single_label":
@@ -88,11 +94,17 @@ def validation_metrics(task: str, y_true: np.ndarray, outputs: np.ndarray) -> di
                 "f1_macro": float(f1_score(y_true, pred, average="macro", zero_division=0)),
                 "f1_weighted": float(f1_score(y_true, pred, average="weighted", zero_division=0))}
     if task == "multi_label":
-        pred = (outputs >= 0.0).astype(int)  # logits >= 0  <=>  sigmoid >= 0.5
+        from tasks.metrics import tune_thresholds
+
         truth = (np.asarray(y_true) >= 0.5).astype(int)
+        probs = 1.0 / (1.0 + np.exp(-np.asarray(outputs, dtype=np.float64)))
+        half = (probs >= 0.5).astype(int)
+        pred = (probs >= tune_thresholds(truth, probs)[None, :]).astype(int)
         return {"f1_micro": float(f1_score(truth, pred, average="micro", zero_division=0)),
                 "f1_macro": float(f1_score(truth, pred, average="macro", zero_division=0)),
-                "subset_accuracy": float(accuracy_score(truth, pred))}
+                "subset_accuracy": float(accuracy_score(truth, pred)),
+                "f1_micro_at_half": float(f1_score(truth, half, average="micro", zero_division=0)),
+                "f1_macro_at_half": float(f1_score(truth, half, average="macro", zero_division=0))}
     pred = outputs.reshape(-1)
     out = {"mse": float(mean_squared_error(y_true, pred)), "mae": float(mean_absolute_error(y_true, pred))}
     out["r2"] = float(r2_score(y_true, pred)) if len(y_true) > 1 else 0.0

@@ -156,6 +156,33 @@ def test_losses_per_task_and_class_weights():
     assert m["accuracy"] == pytest.approx(2 / 3)
 
 
+def test_multi_label_validation_score_uses_the_thresholds_evaluation_uses():
+    """A model trained with a large pos_weight scores a rare label high for every row; what separates the rows
+    is above 0.5. Selection (early stopping, the rate search) must see the F1 the final evaluation will report
+    (tuned thresholds), not the F1 at 0.5, which here cannot tell a perfect ranking from noise."""
+    import numpy as np
+
+    from tasks.losses import validation_metrics
+    from tasks.metrics import compute_metrics, tune_thresholds
+
+    rng = np.random.default_rng(0)
+    n = 300
+    y = np.zeros((n, 2), dtype=int)
+    y[:, 0] = rng.random(n) < 0.5
+    y[rng.choice(n, 6, replace=False), 1] = 1  # a rare label
+    p = np.where(y == 1, 0.995, 0.0)
+    p[:, 0] = np.where(y[:, 0] == 1, 0.8, 0.2)
+    p[:, 1] = np.where(y[:, 1] == 1, 0.995, rng.uniform(0.9, 0.98, n))  # negatives also above 0.5
+    logits = np.log(p / (1 - p))
+    m = validation_metrics("multi_label", y, logits)
+    assert m["f1_micro"] == pytest.approx(1.0) and m["f1_macro"] == pytest.approx(1.0)
+    assert m["f1_macro_at_half"] < 0.6 and m["f1_micro_at_half"] < m["f1_micro"]
+    # the same figure the evaluation computes with thresholds tuned on validation
+    t = tune_thresholds(y, p)
+    assert t[1] >= 0.98  # beyond the old grid, which stopped at 0.95
+    assert compute_metrics("multi_label", ["a", "b"], y, p, t)["f1_macro"] == pytest.approx(m["f1_macro"])
+
+
 def test_estimate_and_train_commands(tmp_path, tiny_bert):
     import typer
     from typer.testing import CliRunner
