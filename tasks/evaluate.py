@@ -21,7 +21,7 @@ from tasks.config import RunConfig
 from tasks.files import atomic_dir, read_json, sha256_file, sha256_json, sha256_tree, write_json
 from tasks.metrics import (
     compute_metrics, higher_is_better, is_better, load_extra_metric, metric_details, predictions_from_scores,
-    primary_metric, tune_thresholds, MetricError,
+    primary_metric, tune_thresholds, MetricError, THRESHOLD_GRID,
 )
 
 EVAL_VERSION = "1"
@@ -106,10 +106,14 @@ def _model_stamp(run: Path) -> str:
 def evaluation_key(cfg: RunConfig, run_dir: str | Path) -> str:
     """Run folder key + the run's facts and model files + evaluation settings + code version."""
     run = Path(run_dir)
-    return sha256_json({
+    payload = {
         "run": run.name, "model": _model_stamp(run), "evaluation": cfg.evaluation.model_dump(mode="json"),
         "max_length": cfg.data.max_length, "version": EVAL_VERSION,
-    })[:20]
+    }
+    info = run / "run_info.json"
+    if info.is_file() and read_json(info).get("task") == "multi_label":  # tuned thresholds come from this grid
+        payload["threshold_grid"] = list(THRESHOLD_GRID)
+    return sha256_json(payload)[:20]
 
 
 def _load_model(run_dir: str, device: str):

@@ -85,7 +85,7 @@ def validation_metrics(task: str, y_true: np.ndarray, outputs: np.ndarray) -> di
     evaluation applies (per-label thresholds tuned on validation, tasks.metrics.tune_thresholds), so that
     selection and the reported test score agree: F1 at a fixed 0.5 says little about a model trained with
     pos_weight (it scores every label high) and, measured on GoEmotions, picked the wrong epoch and rate.
-    F1 at 0.5 stays in the record as f1_micro_at_half / f1_macro_at_half."""
+    F1 at 0.5 stays in the record as f1_micro_at_0.5 / f1_macro_at_0.5."""
     from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, mean_squared_error, r2_score
 
     if task == "single_label":
@@ -103,8 +103,8 @@ def validation_metrics(task: str, y_true: np.ndarray, outputs: np.ndarray) -> di
         return {"f1_micro": float(f1_score(truth, pred, average="micro", zero_division=0)),
                 "f1_macro": float(f1_score(truth, pred, average="macro", zero_division=0)),
                 "subset_accuracy": float(accuracy_score(truth, pred)),
-                "f1_micro_at_half": float(f1_score(truth, half, average="micro", zero_division=0)),
-                "f1_macro_at_half": float(f1_score(truth, half, average="macro", zero_division=0))}
+                "f1_micro_at_0.5": float(f1_score(truth, half, average="micro", zero_division=0)),
+                "f1_macro_at_0.5": float(f1_score(truth, half, average="macro", zero_division=0))}
     pred = outputs.reshape(-1)
     out = {"mse": float(mean_squared_error(y_true, pred)), "mae": float(mean_absolute_error(y_true, pred))}
     out["r2"] = float(r2_score(y_true, pred)) if len(y_true) > 1 else 0.0

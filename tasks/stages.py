@@ -304,7 +304,8 @@ LR_TRIAL = Stage("lr-trial", lr_trial, _lr_trial_key, TRAINING_CODE + ("tasks.lr
                  description="Train one candidate learning rate briefly and score it on validation.")
 TRAIN = Stage("train", train, _train_key, TRAINING_CODE,
               retries=2, timeout_s=None, description="Train in a child process; a retry resumes from the last checkpoint.")
-EVALUATE = Stage("evaluate", evaluate, _evaluate_key, ("tasks.evaluate", "tasks.baselines", "tasks.plots"), retries=1,
+EVALUATE = Stage("evaluate", evaluate, _evaluate_key, ("tasks.evaluate", "tasks.metrics", "tasks.baselines", "tasks.plots"),
+                 retries=1,
                  timeout_s=3600, description="Score the held-out test split, with baselines.")
 EXPORT = Stage("export", export, _export_key, ("tasks.export", "tasks.model_card", "tasks.predict", "tasks.registry"), retries=1, timeout_s=3600,
                description="Merge adapters (verified) and export a Hugging Face folder with its model card.")

@@ -157,6 +157,21 @@ def test_multi_label_end_to_end_uses_validation_thresholds(tmp_path, workspace, 
     assert "## Thresholds (tuned on validation)" in (Path(res.path) / "report.md").read_text()
 
 
+def test_multi_label_evaluation_key_follows_the_threshold_grid(tmp_path, workspace, tiny_bert, monkeypatch):
+    """A multi-label evaluation depends on the grid its thresholds are tuned over: a new grid is a new
+    evaluation; a single-label evaluation does not use it and keeps its key."""
+    import tasks.evaluate as ev
+
+    ml_cfg, ml = _prepare(tmp_path / "ml", workspace, _multi_rows(60), task="multi_label", label_delimiter="|")
+    ml_run = make_run(workspace, ml, tiny_bert, name="run-ml")
+    sl_cfg, sl = _prepare(tmp_path, workspace, toy_rows(60))
+    sl_run = make_run(workspace, sl, tiny_bert, name="run-sl")
+    before = (evaluation_key(ml_cfg, ml_run), evaluation_key(sl_cfg, sl_run))
+    monkeypatch.setattr(ev, "THRESHOLD_GRID", (0.25, 0.5, 0.75))
+    after = (evaluation_key(ml_cfg, ml_run), evaluation_key(sl_cfg, sl_run))
+    assert after[0] != before[0] and after[1] == before[1]
+
+
 def test_regression_end_to_end(tmp_path, workspace, tiny_bert):
     rng = random.Random(1)
     rows = [{"text": " ".join(rng.choices(WORDS["pos"], k=k) + rng.choices(WORDS["neu"], k=3)) + f" {i}",
