@@ -21,7 +21,7 @@ from tasks.config import RunConfig
 from tasks.files import atomic_dir, read_json, sha256_file, sha256_json, sha256_tree, write_json
 from tasks.metrics import (
     compute_metrics, higher_is_better, is_better, load_extra_metric, metric_details, predictions_from_scores,
-    primary_metric, tune_thresholds, MetricError, THRESHOLD_GRID,
+    primary_metric, tune_thresholds, MetricError, MIN_POSITIVES_PER_LABEL, THRESHOLD_GRID,
 )
 
 EVAL_VERSION = "1"
@@ -112,7 +112,7 @@ def evaluation_key(cfg: RunConfig, run_dir: str | Path) -> str:
     }
     info = run / "run_info.json"
     if info.is_file() and read_json(info).get("task") == "multi_label":  # tuned thresholds come from this grid
-        payload["threshold_grid"] = list(THRESHOLD_GRID)
+        payload["threshold_grid"] = [list(THRESHOLD_GRID), MIN_POSITIVES_PER_LABEL]
     return sha256_json(payload)[:20]
 
 
@@ -278,7 +278,10 @@ def evaluate_run(cfg: RunConfig, run_dir: str) -> EvalResult:
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if task == "multi_label":
-        doc["thresholds"] = {"tuned_on": "validation", "grid": "0.05..0.95 step 0.05, per-label F1",
+        doc["thresholds"] = {"tuned_on": "validation",
+                             "grid": f"{min(THRESHOLD_GRID):g}..{max(THRESHOLD_GRID):g} ({len(THRESHOLD_GRID)} values), "
+                                     f"per-label F1; labels with under {MIN_POSITIVES_PER_LABEL} validation positives "
+                                     "share the threshold that maximizes micro-F1",
                              "per_label": dict(zip(labels, thresholds.tolist())), "validation": val_info,
                              "test_at_0.5": at_half}
     with atomic_dir(final) as tmp:

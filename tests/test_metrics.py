@@ -9,7 +9,7 @@ from sklearn import metrics as skm
 
 from tasks.metrics import (
     MetricError, compute_metrics, higher_is_better, load_extra_metric, load_metric, metric_details, metric_names,
-    primary_metric, tune_thresholds,
+    primary_metric, tune_thresholds, THRESHOLD_GRID,
 )
 
 
@@ -119,9 +119,30 @@ def test_tuned_thresholds_improve_validation_f1_over_half():
 def test_thresholds_label_without_positives_and_ties_stay_near_half():
     y = np.array([[0, 1], [0, 1], [0, 0]])
     s = np.array([[0.2, 0.9], [0.1, 0.8], [0.3, 0.1]])
-    t = tune_thresholds(y, s)
+    t = tune_thresholds(y, s, min_positives=1)
     assert t[0] == 0.5  # no positives: F1 is 0 everywhere, keep the default
     assert 0.1 < t[1] <= 0.8 and abs(t[1] - 0.5) < 1e-9  # every threshold in (0.1, 0.8] is perfect: closest to 0.5
+
+
+def test_labels_with_few_positives_share_the_micro_f1_threshold():
+    """A label with fewer validation positives than min_positives gets the one threshold that maximizes
+    micro-F1 over all labels, not a threshold fitted to its few examples."""
+    rng = np.random.default_rng(5)
+    n = 400
+    y = np.zeros((n, 3), dtype=int)
+    y[:, 0] = rng.random(n) < 0.5
+    y[:, 1] = rng.random(n) < 0.5
+    y[rng.choice(n, 3, replace=False), 2] = 1  # three positives
+    s = np.where(y == 1, 0.75, 0.15) + rng.normal(0, 0.05, (n, 3))
+    s[y[:, 2] == 1, 2] = 0.04  # the rare label's few positives happen to score lowest: its own best threshold is tiny
+    s = np.clip(s, 0, 1)
+    own = tune_thresholds(y, s, min_positives=1)
+    assert own[2] <= 0.05
+    t = tune_thresholds(y, s, min_positives=10)
+    assert t[0] == own[0] and t[1] == own[1]  # enough positives: their own thresholds
+    pooled = [compute_metrics("multi_label", list("abc"), y, s, np.full(3, g))["f1_micro"] for g in THRESHOLD_GRID]
+    ties = [g for g, f in zip(THRESHOLD_GRID, pooled) if np.isclose(f, max(pooled))]
+    assert t[2] == min(ties, key=lambda g: abs(g - 0.5)) and 0.3 <= t[2] <= 0.6  # ties: closest to 0.5
 
 
 def test_regression_matches_sklearn_and_scipy():

@@ -169,7 +169,7 @@ def test_multi_label_validation_score_uses_the_thresholds_evaluation_uses():
     n = 300
     y = np.zeros((n, 2), dtype=int)
     y[:, 0] = rng.random(n) < 0.5
-    y[rng.choice(n, 6, replace=False), 1] = 1  # a rare label
+    y[rng.choice(n, 12, replace=False), 1] = 1  # a rare label (4 %), with enough positives for its own threshold
     p = np.where(y == 1, 0.995, 0.0)
     p[:, 0] = np.where(y[:, 0] == 1, 0.8, 0.2)
     p[:, 1] = np.where(y[:, 1] == 1, 0.995, rng.uniform(0.9, 0.98, n))  # negatives also above 0.5
