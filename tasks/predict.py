@@ -161,24 +161,17 @@ def _run_tokenizer(run: Path, info: dict):
     return load_tokenizer(str(src), bool(info.get("trust_remote_code", False)))
 
 
-def load_base(info: dict, tokenizer, quantized: bool = False):
-    """The base model with the run's classification head (4-bit when quantized, full precision otherwise):
-    tasks.modeling.load_run_base, on the CPU (load_adapter_model moves it)."""
-    from tasks.modeling import load_run_base
-
-    return load_run_base(info, tokenizer.pad_token_id, "cpu", quantized=quantized)
-
-
 def load_adapter_model(run_dir: str | Path, quantized: bool = False):
     """(PeftModel on the base, tokenizer): the run's adapter + saved head, in eval mode."""
     from peft import PeftModel
 
     from tasks.export import read_run
+    from tasks.modeling import load_run_base
 
     run = Path(run_dir)
     info = read_run(run)
     tok = _run_tokenizer(run, info)
-    base = load_base(info, tok, quantized=quantized)
+    base = load_run_base(info, tok.pad_token_id, "cpu", quantized=quantized)
     if not quantized:
         base.to(default_device())
     model = PeftModel.from_pretrained(base, str(run / "model"), is_trainable=False)
