@@ -79,8 +79,9 @@ def _verification_section(v: dict, method: str) -> list[str]:
         if q:
             out += [
                 "",
-                "QLoRA: the adapter was trained on a 4-bit base; it is merged into the base reloaded in float32 (never "
-                "into the 4-bit weights), so the export differs from the 4-bit model by the quantization error:",
+                "QLoRA: the adapter was trained on a 4-bit base; it is merged into those 4-bit weights dequantized to "
+                "float32 (the weights it was trained against), so the export computes what the 4-bit adapter model "
+                "computes, up to rounding:",
                 "",
                 f"- identical predictions vs the 4-bit adapter model: **{_fmt(q.get('identical_prediction_share'))}** "
                 f"(required: >= {_fmt(v.get('min_agreement'))})",

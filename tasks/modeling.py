@@ -283,6 +283,37 @@ def load_run_base(info: dict, pad_token_id: int | None, device: str = "cpu", qua
     return base
 
 
+def dequantized_weights(model) -> dict:
+    """{parameter name: float32 weight} for every 4-bit Linear in `model`: the weights a QLoRA adapter was
+    trained against (the quantization error included), for a merge that reproduces the 4-bit model."""
+    from bitsandbytes.functional import dequantize_4bit
+    from bitsandbytes.nn import Linear4bit
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Linear4bit):
+            w = module.weight
+            out[f"{name}.weight"] = dequantize_4bit(w.data, w.quant_state).float().cpu()
+    return out
+
+
+def load_weights(model, weights: dict) -> int:
+    """Copy `weights` ({parameter name: tensor}) into `model`'s parameters of the same names and shapes;
+    a missing name or a shape mismatch raises (the two models are not the same architecture)."""
+    import torch
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            if name not in params:
+                raise ValueError(f"{name} is not a parameter of {type(model).__name__}")
+            param = params[name]
+            if tuple(param.shape) != tuple(value.shape):
+                raise ValueError(f"{name}: shape {tuple(value.shape)} does not fit {tuple(param.shape)}")
+            param.copy_(value.to(param.device, param.dtype))
+    return len(weights)
+
+
 def load_trained_model(run_dir: str, device: str = "cpu"):
     """(model, tokenizer) for inference from `<run>/run_info.json` + `<run>/model/`, in eval mode."""
     from transformers import AutoModelForSequenceClassification

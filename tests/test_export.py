@@ -320,13 +320,15 @@ def test_qlora_merges_into_full_precision_base_on_cpu(ws, prepared, tiny_bert):
     from tasks.export import export_run
 
     run = make_run(ws, tiny_bert, prepared, "qlora")
-    # floor 0.8 (default 0.9): 31 test rows of a 32-wide random model; measured here 0.97 (one near-tie flips)
-    result = export_run(make_config(ws, "qlora", qlora_min_agreement=0.8), str(run), str(make_eval(ws, run)))
+    result = export_run(make_config(ws, "qlora"), str(run), str(make_eval(ws, run)))
     v = result.merge_verification
-    assert v["quantized_reference"] and v["passed"] and v["min_agreement"] == 0.8
+    assert v["quantized_reference"] and v["passed"] and v["min_agreement"] == 0.9
+    assert v["dequantized_layers"] > 0
     assert v["merged_vs_adapter"]["max_abs_logit_diff"] < 1e-4  # the merge itself is exact on the fp32 base
     q = v["merged_vs_quantized"]
-    assert q["identical_prediction_share"] >= 0.8 and 0 < q["max_abs_logit_diff"] < 5  # quantization error, reported
+    # merged into the dequantized 4-bit weights: the 4-bit model's own outputs, up to float32 rounding (merging
+    # into the original float32 weights instead gave 0.97 identical and a quantization-sized difference here)
+    assert q["identical_prediction_share"] == 1.0 and q["max_abs_logit_diff"] < 1e-4
     card = (Path(result.path) / "README.md").read_text()
     assert "4-bit adapter model" in card and f"{q['max_abs_logit_diff']:.4g}" in card
     assert yaml.safe_load(card.split("---")[1])["finetune"]["method"] == "qlora"
@@ -395,8 +397,9 @@ def test_onnx_export_matches_torch(ws, prepared, tiny_bert, lora_export):
 @pytest.mark.slow
 def test_real_minilm_qlora_merge_on_sms_spam(tmp_path):
     """The bundled MiniLM on a 400-row slice of SMS spam, QLoRA: the exact-merge figure (fp32 base, which is
-    also the LoRA path) and the agreement with the 4-bit model (measured on 300 rows after 20 steps: 4.8e-07;
-    1.0 identical, max |diff| 3.8e-03)."""
+    also the LoRA path) and the agreement with the 4-bit model (measured on 96 rows after 8 steps: 1.0 identical,
+    max |diff| 4.8e-07 with the merge into the dequantized 4-bit weights; merged into the original float32
+    weights, an earlier version measured 3.8e-03 on 300 rows after 20 steps)."""
     from conftest import shared_data
     from tasks.base_model import resolve_model
     from tasks.config import ModelConfig
@@ -414,4 +417,4 @@ def test_real_minilm_qlora_merge_on_sms_spam(tmp_path):
     assert v["passed"] and v["rows"] == 96 and v["adapter_effect_max_logit_diff"] > 1e-2
     assert v["merged_vs_adapter"]["max_abs_logit_diff"] < 1e-4  # fp32 reassociation only
     q = v["merged_vs_quantized"]
-    assert q["identical_prediction_share"] >= 0.9 and q["max_abs_logit_diff"] > 0
+    assert q["identical_prediction_share"] == 1.0 and q["max_abs_logit_diff"] < 1e-3
