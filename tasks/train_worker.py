@@ -13,7 +13,11 @@ error when the micro-batch is larger than N; FINETUNE_TEST_STEP_DELAY_S=x sleeps
 FINETUNE_TEST_NAN_ABOVE_LR=x makes the loss NaN when the learning rate is above x (a diverging trial).
 
 Learning-rate trials (resolved_training "trial": true, "max_steps": N; tasks/lr_search.py) stop after N
-steps or at the first non-finite loss, score validation once and save no model or checkpoint.
+steps or at the first non-finite loss, score validation once and save no model or checkpoint. A trial
+follows the real run's learning-rate schedule (warmup and linear decay over the configured epochs), so it
+is the real run's first N steps: a schedule squeezed into N steps anneals to zero at the end of the trial,
+which flatters high rates that the real run then keeps high for many more steps (measured: LoRA 5e-3 won
+56-step trials on GoEmotions, then its validation micro-F1 never rose in the real run).
 """
 
 from __future__ import annotations
@@ -203,8 +207,7 @@ def run(run_dir: str, return_model: bool = False):
     steps_per_epoch = len(plan_epoch(train.lengths, eff, world, seed, 0, t["group_by_length"]))
     epochs = int(t["epochs"])
     total_steps = steps_per_epoch * epochs
-    if max_steps:  # a learning-rate trial: the schedule spans the trial's budget
-        total_steps = min(total_steps, max_steps)
+    if max_steps:  # a learning-rate trial: the real run's first max_steps steps, on the real run's schedule
         epochs = min(epochs, math.ceil(max_steps / max(1, steps_per_epoch)))
     optimizer = _optimizer(model, float(t["learning_rate"]), float(t["weight_decay"]))
     scheduler = _linear_schedule(optimizer, int(round(t["warmup_ratio"] * total_steps)), total_steps)

@@ -76,8 +76,9 @@ def test_candidates_and_rungs_span_the_method_range():
     full, lora = candidate_rates("full"), candidate_rates("lora")
     assert min(full) <= 1e-5 * 1.01 and max(full) >= 3e-4 * 0.99 and len(full) >= 3
     assert min(lora) <= 1e-4 * 1.01 and max(lora) >= 5e-3 * 0.99 and candidate_rates("qlora") == lora
-    assert default_rungs(640, 16) == [10, 20]
-    assert default_rungs(40, 16) == [8, 16] and default_rungs(100_000, 16) == [60, 120]
+    assert default_rungs(640, 16) == [10, 40]  # 40 steps per epoch: rung 2 is one epoch
+    assert default_rungs(1800, 16) == [28, 112]  # 113 steps per epoch: four times rung 1
+    assert default_rungs(40, 16) == [8, 16] and default_rungs(100_000, 16) == [60, 240]
 
 
 def test_search_rows_mark_the_winner():
@@ -136,6 +137,19 @@ def test_real_search_discards_a_diverging_trial_and_trains_the_winner(tmp_path, 
         assert s["trial"] and not (d / "model").exists() and not (d / "checkpoints").exists()
         assert s["global_step"] <= s["max_steps"]
     assert (Path(search["path"]) / "search.json").is_file()
+
+    # a trial is the real run's first steps: the same learning rate at each step (not a schedule squeezed
+    # into the trial, which would decay to zero at its last step and flatter high rates)
+    def step_rates(d):
+        return [json.loads(ln)["learning_rate"] for ln in (d / "metrics.jsonl").read_text().splitlines()
+                if '"type": "step"' in ln]
+
+    winner = next(d for d in trials if json.loads((d / "training_summary.json").read_text())["max_steps"] == 5
+                  and json.loads((d / "resolved_config.json").read_text())["resolved_training"]["learning_rate"]
+                  == search["best_rate"])
+    real = step_rates(Path(res.path))
+    assert len(real) > 5 and step_rates(winner) == pytest.approx(real[:5])
+    assert real[4] > 0.5 * search["best_rate"]
 
     # the same search again: every trial and the run are reused
     again = train_model(cfg, prepared, tokenized)
