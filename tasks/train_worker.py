@@ -362,6 +362,8 @@ def run(run_dir: str, return_model: bool = False):
             "gradient_accumulation_steps": accum, "processes": world, "resumed_from_step": resumed_from,
             "method": info["method"], "trainable_parameters": built.trainable_parameters,
         }
+        if device.startswith("cuda"):
+            summary["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         if note:
             summary["best_restore_note"] = note
         write_json(run / "training_summary.json", summary)
