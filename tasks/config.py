@@ -168,8 +168,9 @@ class LRSearchConfig(_Section):
         None, description="Rates to try; None: 4 rates spanning the method's range (full 1e-5..3e-4, adapters 1e-4..5e-3)."
     )
     rung_steps: list[int] | None = Field(
-        None, description="Optimizer steps per rung of successive halving; None: rung 1 = 40 % of an epoch (min 8), "
-        "rung 2 = 2x that; the best half of each rung goes on."
+        None, description="Optimizer steps per rung of successive halving; None: rung 1 = 25 % of an epoch (8..60 "
+        "steps), rung 2 = 4x that, at most one epoch (at least 2x rung 1); the best half of each rung goes on. A trial "
+        "is the real run's first steps (same warmup and decay over training.epochs)."
     )
     keep: float = Field(0.5, gt=0, le=1, description="Share of candidates kept after each rung.")
     max_parallel: int = Field(
