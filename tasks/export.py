@@ -135,8 +135,9 @@ def _verification_texts(info: dict, cfg: RunConfig) -> tuple[list[str], list[str
     from tasks.data import load_split
 
     df = load_split(info["prepared_path"], "test")
-    if cfg.export.verify_max_rows:
-        df = df.head(cfg.export.verify_max_rows)
+    n = cfg.export.verify_max_rows
+    if n and len(df) > n:  # a seeded sample in file order: a test file sorted by label gives no one-class head
+        df = df.sample(n=n, random_state=cfg.data.split.seed).sort_index()
     pairs = df["text_pair"].astype(str).tolist() if "text_pair" in df.columns else None
     return df["text"].astype(str).tolist(), pairs
 

@@ -337,6 +337,22 @@ def test_qlora_merges_into_full_precision_base_on_cpu(ws, prepared, tiny_bert):
     assert not any("4bit" in type(m).__name__ for m in model.modules())
 
 
+def test_verification_rows_are_a_seeded_sample_of_the_test_split(ws, lora_export):
+    from tasks.data import load_split
+    from tasks.export import _verification_texts, export_run, read_run
+
+    run, ev, _ = lora_export
+    info = read_run(run)
+    test = load_split(info["prepared_path"], "test")["text"].astype(str).tolist()
+    cfg = make_config(ws, "lora", verify_max_rows=7)
+    texts, _ = _verification_texts(info, cfg)
+    assert len(texts) == 7 and set(texts) <= set(test) and texts != test[:7]  # a sample, not the head
+    assert texts == [t for t in test if t in set(texts)]                       # in file order
+    assert _verification_texts(info, cfg)[0] == texts                          # the same sample every time
+    assert _verification_texts(info, make_config(ws, "lora", verify_max_rows=None))[0] == test
+    assert export_run(cfg, str(run), str(ev)).merge_verification["rows"] == 7
+
+
 def test_tolerance_is_enforced(ws, lora_export):
     """fp32 reassociation error is small but not zero: a tolerance below it refuses the export."""
     from tasks.export import MergeError, export_run
