@@ -170,7 +170,7 @@ class LRSearchConfig(_Section):
     rung_steps: list[int] | None = Field(
         None, description="Optimizer steps per rung of successive halving; None: rung 1 = 25 % of an epoch (8..60 "
         "steps), rung 2 = 4x that, at most one epoch (at least 2x rung 1); the best half of each rung goes on. A trial "
-        "is the real run's first steps (same warmup and decay over training.epochs)."
+        "warms up over warmup_ratio of its steps, then trains at its full rate (no decay)."
     )
     keep: float = Field(0.5, gt=0, le=1, description="Share of candidates kept after each rung.")
     max_parallel: int = Field(
