@@ -36,13 +36,6 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def disable_cpu_bf16_4bit(model) -> int:
-    """Switch off bitsandbytes' avx512_bf16 repacking on every Linear4bit (one implementation: modeling's)."""
-    from tasks.modeling import disable_cpu_bf16_packing
-
-    return disable_cpu_bf16_packing(model)
-
-
 def batched_logits(
     model,
     tokenizer,
@@ -179,16 +172,11 @@ def load_adapter_model(run_dir: str | Path, quantized: bool = False):
 
 
 def load_reference_model(run_dir: str | Path):
-    """The model as trained and evaluated: tasks.modeling.load_trained_model (our loader if it is absent)."""
-    try:
-        from tasks.modeling import load_trained_model
-    except ImportError:  # pragma: no cover - modeling ships with the project
-        from tasks.export import read_run
+    """The model as trained and evaluated (tasks.modeling.load_trained_model on the default device, in eval
+    mode; for a qlora run its loader already switches off the CPU bf16 repacking of the 4-bit layers)."""
+    from tasks.modeling import load_trained_model
 
-        return load_adapter_model(run_dir, quantized=bool(read_run(run_dir).get("quantization")))
-    model, tok = load_trained_model(str(run_dir), default_device())
-    disable_cpu_bf16_4bit(model)
-    return model.eval(), tok
+    return load_trained_model(str(run_dir), default_device())
 
 
 def _read_table(path: Path):

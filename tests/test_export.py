@@ -50,7 +50,7 @@ def make_run(workspace: Path, base: Path, prepared: Path, method: str = "lora", 
     from tasks.config import ModelConfig, resolve_training
     from tasks.data import load_split
     from tasks.files import read_json, write_json
-    from tasks.predict import disable_cpu_bf16_4bit
+    from tasks.modeling import disable_cpu_bf16_packing
     from tasks.tokenize import load_tokenizer
 
     manifest = read_json(prepared / "manifest.json")
@@ -70,7 +70,7 @@ def make_run(workspace: Path, base: Path, prepared: Path, method: str = "lora", 
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(base, **kw)
     model.config.pad_token_id = tok.pad_token_id
-    disable_cpu_bf16_4bit(model)
+    disable_cpu_bf16_packing(model)
     if method != "full":
         model = get_peft_model(model, LoraConfig(
             task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
@@ -313,7 +313,7 @@ def test_verification_detects_a_wrong_merge(ws, lora_export):
     assert figures["max_abs_logit_diff"] > 1e-2
 
 
-def test_qlora_merges_into_full_precision_base_on_cpu(ws, prepared, tiny_bert):
+def test_qlora_merges_into_dequantized_4bit_weights_on_cpu(ws, prepared, tiny_bert):
     import torch
     import yaml
 
