@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -79,14 +80,34 @@ class ProcessLockManager(FileSystemLockManager):
     """File locks that also record the holder's host and pid, so a lock left by a killed process
     (SIGKILL, OOM killer, power loss of a worker) is recognised as stale instead of blocking forever."""
 
+    # Prefect creates a lock file empty (touch) and writes its JSON just after: a reader in between used to
+    # fail with "EOF while parsing" (seen once in two concurrent runs of one config). Reads retry for about
+    # READ_RETRIES x READ_PAUSE_S; a lock file still unreadable after that lost its writer and counts as stale.
+    READ_RETRIES, READ_PAUSE_S = 50, 0.02
+
     def _stamp(self, key: str) -> None:
         path = Path(self._lock_path_for_key(key))
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
             info = json.loads(path.read_bytes() or b"{}")
             info.update(pid=os.getpid(), host=socket.gethostname())
-            path.write_text(json.dumps(info))
+            tmp.write_text(json.dumps(info))
+            os.replace(tmp, path)  # readers see the old or the new content, never a truncated file
         except (OSError, ValueError):
-            pass
+            tmp.unlink(missing_ok=True)
+
+    def _get_lock_info(self, key: str, use_cache: bool = True):
+        for _ in range(self.READ_RETRIES):
+            try:
+                return super()._get_lock_info(key, use_cache=use_cache)
+            except ValueError:  # empty or half-written: its writer is between touch and write
+                time.sleep(self.READ_PAUSE_S)
+        path = Path(self._lock_path_for_key(key))
+        log.warning("removing stale lock %s: still unreadable after %.1f s", path.name,
+                    self.READ_RETRIES * self.READ_PAUSE_S)
+        path.unlink(missing_ok=True)
+        self._locks.pop(key, None)
+        return None
 
     def acquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None) -> bool:
         ok = super().acquire_lock(key, holder, acquire_timeout, hold_timeout)

@@ -330,3 +330,37 @@ def test_concurrent_promotions_leave_production_consistent_with_the_gate(workspa
     assert aliases["production_history"] == promoted_order
     assert rows[production]["primary_value"] == max(values)  # with min_delta 0 the best one holds production
     assert not [p for p in (root / "versions").iterdir() if p.name.startswith(".")]
+
+
+# ---- the cache's file locks: a lock file read while its writer is between creating and filling it ------------
+
+def test_a_lock_file_read_before_its_json_is_written_counts_as_held(tmp_path):
+    """Prefect creates the lock file empty, then writes it; a reader in between used to fail with
+    'EOF while parsing a value' (two concurrent runs of one config). It now waits for the content."""
+    import threading
+
+    from tasks.caching import ProcessLockManager
+
+    locks = ProcessLockManager(lock_files_directory=tmp_path)
+    path = Path(locks._lock_path_for_key("k"))
+    path.touch()
+    writer = threading.Timer(0.1, lambda: path.write_text(json.dumps({"holder": "other", "expiration": None})))
+    writer.start()
+    try:
+        assert locks.is_locked("k") and not locks.is_lock_holder("k", "me") and locks.is_lock_holder("k", "other")
+    finally:
+        writer.join()
+    assert not locks.acquire_lock("k", "me", acquire_timeout=0.2)  # held by "other": no error, a timeout
+
+
+def test_a_lock_file_left_empty_by_a_dead_writer_is_stale(tmp_path):
+    from tasks.caching import ProcessLockManager
+
+    locks = ProcessLockManager(lock_files_directory=tmp_path)
+    locks.READ_RETRIES, locks.READ_PAUSE_S = 5, 0.01
+    path = Path(locks._lock_path_for_key("k"))
+    path.touch()
+    assert not locks.is_locked("k") and not path.exists()
+    assert locks.acquire_lock("k", "me") and locks.is_lock_holder("k", "me")
+    info = json.loads(path.read_text())
+    assert info["holder"] == "me" and info["pid"] == os.getpid() and not list(tmp_path.glob("*.tmp"))
