@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test clean-workspace
+.PHONY: install demo test test-fast lint format clean-workspace
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,24 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/finetune demo
 
-test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+FAST := not e2e and not slow and not flow and not child
+
+# The whole suite (what CI runs): the linter, the fast lane, then everything the fast lane leaves out.
+test: $(STAMP) lint test-fast
+	$(BIN)/python -m pytest -m "not ($(FAST))" $(PYTEST_ARGS)
+
+# The edit loop (about a minute and a half): no Prefect flows or servers, no real weights or real data, no
+# repeated child-process training; the in-process loop, the builders and the stage code are all exercised.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "$(FAST)" -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 clean-workspace:
 	rm -rf workspace

@@ -1,6 +1,6 @@
 """Time `prepare_dataset` on the 60k-row SST-2 train file (goal: under 30 s). Prints one JSON line.
 
-    .venv/bin/python benchmarks/data_prep.py [--repeats 3]
+.venv/bin/python benchmarks/data_prep.py [--repeats 3]
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tasks.config import load_config  # noqa: E402
-from tasks.data import prepare_dataset  # noqa: E402
+from tasks.config_loading import load_config  # noqa: E402
+from tasks.data.prepare import prepare_dataset  # noqa: E402
 
 
 def main() -> None:
@@ -38,9 +38,19 @@ def main() -> None:
             t0 = time.perf_counter()
             assert prepare_dataset(cfg).reused
             warm.append(time.perf_counter() - t0)
-    print(json.dumps({"benchmark": "data_prep", "source": args.source, "rows": sum(r.rows.values()),
-                      "median_s": round(statistics.median(cold), 3), "median_reuse_s": round(statistics.median(warm), 3),
-                      "repeats": args.repeats, "goal_s": 30}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "data_prep",
+                "source": args.source,
+                "rows": sum(r.rows.values()),
+                "median_s": round(statistics.median(cold), 3),
+                "median_reuse_s": round(statistics.median(warm), 3),
+                "repeats": args.repeats,
+                "goal_s": 30,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

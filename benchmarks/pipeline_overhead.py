@@ -33,14 +33,14 @@ DEFAULT_SETS = ["training.epochs=1", "training.learning_rate=1e-4", "data.max_ro
 
 PLAIN = """
 import sys, time
-from tasks.config import load_config
-from tasks.base_model import resolve_model
-from tasks.data import prepare_dataset
-from tasks.tokenize import tokenize_dataset
-from tasks.train import train_model
-from tasks.evaluate import evaluate_run
-from tasks.export import export_run
-from tasks.registry import register_version
+from tasks.config_loading import load_config
+from tasks.model.base import resolve_model
+from tasks.data.prepare import prepare_dataset
+from tasks.data.tokenize import tokenize_dataset
+from tasks.training.recipe import train_from_config as train_model
+from tasks.evaluation.evaluate import evaluate_run
+from tasks.release.export import export_run
+from tasks.release.registry import register_version
 cfg = load_config("configs/demo.yaml", sys.argv[1:])
 p = prepare_dataset(cfg)
 t = tokenize_dataset(p.path, resolve_model(cfg.model), cfg)
@@ -59,8 +59,13 @@ def _free_port() -> int:
 
 
 def _env(home: Path, api: str | None) -> dict:
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env.pop("PREFECT_API_URL", None)
     if api:
         env["PREFECT_API_URL"] = api
@@ -95,8 +100,13 @@ def main() -> None:
         port = _free_port()
         api = f"http://127.0.0.1:{port}/api"
         server_env = _env(tmp / "server-home", None) | {"PREFECT_UI_API_URL": api}
-        server = subprocess.Popen([PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        server = subprocess.Popen(
+            [PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=server_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             deadline = time.time() + 120
             while True:
@@ -105,7 +115,7 @@ def main() -> None:
                     break
                 except OSError:
                     if time.time() > deadline:
-                        raise SystemExit("the Prefect server did not start")
+                        raise SystemExit("the Prefect server did not start") from None
                     time.sleep(0.5)
             plain, flow, cached, ephemeral, heavy, plain_train, flow_train = [], [], [], [], [], [], []
             for i in range(args.repeats):
@@ -128,19 +138,24 @@ def main() -> None:
             os.killpg(server.pid, 15)
             server.wait(timeout=30)
     med = statistics.median
-    out.update({
-        "repeats": args.repeats,
-        "plain_s": round(med(plain), 2), "flow_s": round(med(flow), 2),
-        "flow_overhead_pct": round(100 * (med(flow) / med(plain) - 1), 1),
-        "plain_train_s": round(med(plain_train), 2), "flow_train_s": round(med(flow_train), 2),
-        "plain_outside_training_s": round(med(plain) - med(plain_train), 2),
-        "flow_outside_training_s": round(med(flow) - med(flow_train), 2),
-        "cached_rerun_s": round(med(cached), 2), "cached_fraction_pct": round(100 * med(cached) / med(flow), 2),
-        "cached_rerun_heavy_imports": heavy[-1],
-        "ephemeral_cached_rerun_s": round(med(ephemeral), 2),
-        "ephemeral_server_start_adds_s": round(med(ephemeral) - med(cached), 2),
-        "goals": {"flow_overhead_pct": "< 10", "cached_fraction_pct": "< 5"},
-    })
+    out.update(
+        {
+            "repeats": args.repeats,
+            "plain_s": round(med(plain), 2),
+            "flow_s": round(med(flow), 2),
+            "flow_overhead_pct": round(100 * (med(flow) / med(plain) - 1), 1),
+            "plain_train_s": round(med(plain_train), 2),
+            "flow_train_s": round(med(flow_train), 2),
+            "plain_outside_training_s": round(med(plain) - med(plain_train), 2),
+            "flow_outside_training_s": round(med(flow) - med(flow_train), 2),
+            "cached_rerun_s": round(med(cached), 2),
+            "cached_fraction_pct": round(100 * med(cached) / med(flow), 2),
+            "cached_rerun_heavy_imports": heavy[-1],
+            "ephemeral_cached_rerun_s": round(med(ephemeral), 2),
+            "ephemeral_server_start_adds_s": round(med(ephemeral) - med(cached), 2),
+            "goals": {"flow_overhead_pct": "< 10", "cached_fraction_pct": "< 5"},
+        }
+    )
     print(json.dumps(out))
 
 

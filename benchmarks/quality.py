@@ -27,14 +27,30 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
 DATASETS = {
-    "sms_spam": {"train": "sms_spam/train.csv", "test": "sms_spam/test.csv", "sets": ["data.task=single_label"],
-                 "report": ["f1:spam", "f1_macro"]},
-    "sst2": {"train": "sst2/train.csv", "test": "sst2/validation.csv", "sets": ["data.task=single_label"],
-             "report": ["accuracy", "f1_macro"]},
-    "ag_news": {"train": "ag_news/train.csv", "test": "ag_news/test.csv", "sets": ["data.task=single_label"],
-                "report": ["accuracy", "f1_macro"]},
-    "goemotions": {"train": "goemotions/train.jsonl", "test": "goemotions/validation.jsonl",
-                   "sets": ["data.task=multi_label", "data.label_column=labels"], "report": ["f1_micro", "f1_macro"]},
+    "sms_spam": {
+        "train": "sms_spam/train.csv",
+        "test": "sms_spam/test.csv",
+        "sets": ["data.task=single_label"],
+        "report": ["f1:spam", "f1_macro"],
+    },
+    "sst2": {
+        "train": "sst2/train.csv",
+        "test": "sst2/validation.csv",
+        "sets": ["data.task=single_label"],
+        "report": ["accuracy", "f1_macro"],
+    },
+    "ag_news": {
+        "train": "ag_news/train.csv",
+        "test": "ag_news/test.csv",
+        "sets": ["data.task=single_label"],
+        "report": ["accuracy", "f1_macro"],
+    },
+    "goemotions": {
+        "train": "goemotions/train.jsonl",
+        "test": "goemotions/validation.jsonl",
+        "sets": ["data.task=multi_label", "data.label_column=labels"],
+        "report": ["f1_micro", "f1_macro"],
+    },
 }
 
 
@@ -47,9 +63,16 @@ def _value(metrics: dict, per_class: dict, name: str):
 def run_one(dataset: str, method: str, weighting: str | None, max_rows: int, ws: Path, extra: list[str]) -> dict:
     spec = DATASETS[dataset]
     summary = ws / f"{dataset}-{method}-{weighting or 'default'}.json"
-    sets = [f"workspace={ws}", f"data.source.train={DATA / spec['train']}", f"data.source.test={DATA / spec['test']}",
-            f"data.max_rows={max_rows}", f"method.kind={method}", f"registry.name=q-{dataset}-{method}",
-            *spec["sets"], *extra]
+    sets = [
+        f"workspace={ws}",
+        f"data.source.train={DATA / spec['train']}",
+        f"data.source.test={DATA / spec['test']}",
+        f"data.max_rows={max_rows}",
+        f"method.kind={method}",
+        f"registry.name=q-{dataset}-{method}",
+        *spec["sets"],
+        *extra,
+    ]
     if weighting:
         sets.append(f"data.class_weighting={weighting}")
     cmd = [sys.executable, "-m", "tasks.cli", "run", "configs/demo.yaml", "--summary-json", str(summary)]
@@ -58,8 +81,15 @@ def run_one(dataset: str, method: str, weighting: str | None, max_rows: int, ws:
     t0 = time.perf_counter()
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     wall = time.perf_counter() - t0
-    row = {"benchmark": "quality", "dataset": dataset, "method": method, "class_weighting": weighting or "balanced",
-           "max_rows": max_rows, "wall_s": round(wall, 1), "ok": res.returncode == 0}
+    row = {
+        "benchmark": "quality",
+        "dataset": dataset,
+        "method": method,
+        "class_weighting": weighting or "balanced",
+        "max_rows": max_rows,
+        "wall_s": round(wall, 1),
+        "ok": res.returncode == 0,
+    }
     if res.returncode != 0 or not summary.exists():
         row["error"] = (res.stderr or res.stdout)[-600:]
         return row
@@ -68,14 +98,19 @@ def run_one(dataset: str, method: str, weighting: str | None, max_rows: int, ws:
     per_class = ev.get("per_class") or {}
     run = Path(s["folders"]["run"])
     ts = json.loads((run / "training_summary.json").read_text())
-    rc = json.loads((run / "resolved_config.json").read_text()).get("resolved_training", {})
-    row.update({
-        "learning_rate": rc.get("learning_rate"), "learning_rate_source": rc.get("learning_rate_source"),
-        "epochs_run": ts.get("epochs_run"), "best_epoch": ts.get("best_epoch"), "train_s": ts.get("seconds"),
-        "primary_metric": s.get("primary_metric"),
-        "search_s": (s["tasks"].get("lr-search") or {}).get("seconds"),
-        "train_task_s": (s["tasks"].get("train") or {}).get("seconds"),
-    })
+    rc = json.loads((run / "plan.json").read_text())
+    row.update(
+        {
+            "learning_rate": rc.get("learning_rate"),
+            "learning_rate_source": rc.get("learning_rate_source"),
+            "epochs_run": ts.get("epochs_run"),
+            "best_epoch": ts.get("best_epoch"),
+            "train_s": ts.get("seconds"),
+            "primary_metric": s.get("primary_metric"),
+            "search_s": (s["tasks"].get("lr-search") or {}).get("seconds"),
+            "train_task_s": (s["tasks"].get("train") or {}).get("seconds"),
+        }
+    )
     # a finished run folder with the same content key (e.g. from benchmarks/recipes.py) is reused, not retrained
     row["reused_training"] = bool(row["train_s"] and (row["train_task_s"] or 0) < 0.5 * row["train_s"])
     for name in spec["report"]:
@@ -91,22 +126,31 @@ def _fmt(v):
 
 
 def write_results(rows: list[dict], path: Path, command: str) -> None:
-    lines = [f"## Quality on real data ({dt.date.today().isoformat()})", "",
-             f"Command: `{command}`", "",
-             "CPU only (2 cores), bundled all-MiniLM-L6-v2, the shipped defaults; train subsampled to `max_rows` "
-             "(seeded, stratified), the dataset's own test file used whole (SST-2: its validation file).", "",
-             "| dataset | method | weighting | metric | model | TF-IDF | majority | beats TF-IDF (primary) | lr | epochs | train s | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## Quality on real data ({dt.date.today().isoformat()})",
+        "",
+        f"Command: `{command}`",
+        "",
+        "CPU only (2 cores), bundled all-MiniLM-L6-v2, the shipped defaults; train subsampled to `max_rows` "
+        "(seeded, stratified), the dataset's own test file used whole (SST-2: its validation file).",
+        "",
+        "| dataset | method | weighting | metric | model | TF-IDF | majority | beats TF-IDF (primary) | lr | epochs | train s | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if not r.get("ok"):
-            lines.append(f"| {r['dataset']} | {r['method']} | {r['class_weighting']} | failed: {r.get('error', '')[:120]!r} ||||||||")
+            lines.append(
+                f"| {r['dataset']} | {r['method']} | {r['class_weighting']} | failed: {r.get('error', '')[:120]!r} ||||||||"
+            )
             continue
         for name in DATASETS[r["dataset"]]["report"]:
-            lines.append(f"| {r['dataset']} | {r['method']} | {r['class_weighting']} | {name} | {_fmt(r.get(name))} | "
-                         f"{_fmt(r.get('tfidf:' + name))} | {_fmt(r.get('majority:' + name))} | "
-                         f"{'yes' if r.get('beats_tfidf') else '**no**'} ({r.get('primary_metric')}) | {r.get('learning_rate'):g} | "
-                         f"{r.get('epochs_run')} | {_fmt(r.get('train_s'))}{' (reused)' if r.get('reused_training') else ''} | "
-                         f"{r['wall_s']} |")
+            lines.append(
+                f"| {r['dataset']} | {r['method']} | {r['class_weighting']} | {name} | {_fmt(r.get(name))} | "
+                f"{_fmt(r.get('tfidf:' + name))} | {_fmt(r.get('majority:' + name))} | "
+                f"{'yes' if r.get('beats_tfidf') else '**no**'} ({r.get('primary_metric')}) | {r.get('learning_rate'):g} | "
+                f"{r.get('epochs_run')} | {_fmt(r.get('train_s'))}{' (reused)' if r.get('reused_training') else ''} | "
+                f"{r['wall_s']} |"
+            )
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     marker = "## Quality on real data"
     if marker in text:
@@ -121,9 +165,12 @@ def main() -> None:
     ap.add_argument("--methods", default="full,lora,qlora")
     ap.add_argument("--set", dest="sets", action="append", default=[])
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
-    ap.add_argument("--workspace", default=None,
-                    help="Run in this workspace (kept) instead of a temporary one. Sharing the one benchmarks/recipes.py "
-                         "used reuses its finished stages (same content keys), e.g. its auto full/LoRA runs.")
+    ap.add_argument(
+        "--workspace",
+        default=None,
+        help="Run in this workspace (kept) instead of a temporary one. Sharing the one benchmarks/recipes.py "
+        "used reuses its finished stages (same content keys), e.g. its auto full/LoRA runs.",
+    )
     args = ap.parse_args()
     if not DATA.exists():
         print(json.dumps({"benchmark": "quality", "skipped": f"{DATA} is absent"}))

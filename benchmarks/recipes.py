@@ -45,8 +45,12 @@ def config(workspace: Path, dataset: str, method: str, recipe: str, max_rows: in
 
     raw = {
         "workspace": str(workspace),
-        "data": {"source": {k: str(DATA / v) for k, v in SOURCES[dataset].items()}, "task": "single_label",
-                 "max_rows": max_rows, "max_length": 128},
+        "data": {
+            "source": {k: str(DATA / v) for k, v in SOURCES[dataset].items()},
+            "task": "single_label",
+            "max_rows": max_rows,
+            "max_length": 128,
+        },
         "method": {"kind": method},
         "registry": {"name": f"recipes-{dataset}"},
     }
@@ -59,58 +63,102 @@ def config(workspace: Path, dataset: str, method: str, recipe: str, max_rows: in
 
 
 def run_one(workspace: Path, dataset: str, method: str, recipe: str, max_rows: int) -> dict:
-    from tasks.base_model import resolve_model
-    from tasks.data import prepare_dataset
-    from tasks.evaluate import evaluate_run
+    from tasks.data.prepare import prepare_dataset
+    from tasks.data.tokenize import tokenize_dataset
+    from tasks.evaluation.evaluate import evaluate_run
     from tasks.files import read_json
-    from tasks.lr_search import search_learning_rate
-    from tasks.tokenize import tokenize_dataset
-    from tasks.train import train_model
+    from tasks.model.base import resolve_model
+    from tasks.training.launch import train
+    from tasks.training.planner import plan_run
+    from tasks.training.search import search_learning_rate
+    from tasks.workspace import Workspace
 
     cfg = config(workspace, dataset, method, recipe, max_rows)
     t0 = time.perf_counter()
     prepared = prepare_dataset(cfg)
     tokenized = tokenize_dataset(prepared.path, resolve_model(cfg.model), cfg)
+    ws = Workspace.at(cfg.workspace)
+    plan = plan_run(cfg, prepared.path, tokenized.path, ws)
     search, search_s, search_cpu = None, 0.0, 0.0
-    if cfg.training.learning_rate == "auto":
+    if plan.learning_rate is None:
         c0, s0 = _cpu_children(), time.perf_counter()
-        result = search_learning_rate(cfg, prepared.path, tokenized.path)
+        result = search_learning_rate(plan, ws)
         search_s, search_cpu = time.perf_counter() - s0, _cpu_children() - c0
         search = result.summary()
-        cfg = config(workspace, dataset, method, recipe, max_rows, {"training": {"learning_rate": result.best_rate}})
+        plan = plan.with_rate(result.best_rate, "search")
     c0, s0 = _cpu_children(), time.perf_counter()
-    trained = train_model(cfg, prepared.path, tokenized.path, lr_search=search)
+    trained = train(plan, ws, search_summary=search)
     train_s, train_cpu = time.perf_counter() - s0, _cpu_children() - c0
     ev = evaluate_run(cfg, trained.path)
     summary = read_json(Path(trained.path) / "training_summary.json")
-    info = read_json(Path(trained.path) / "run_info.json")
+    info = read_json(Path(trained.path) / "plan.json")
     manifest = read_json(Path(prepared.path) / "manifest.json")
     tfidf = (ev.baselines.get("tfidf") or {}).get("f1_macro")
     return {
-        "bench": "recipes", "dataset": dataset, "method": method, "recipe": recipe, "max_rows": max_rows,
-        "train_rows": manifest["splits"]["train"]["rows"], "validation_rows": manifest["splits"]["validation"]["rows"],
-        "test_rows": manifest["splits"]["test"]["rows"], "head": info.get("head"),
-        "learning_rate": summary["learning_rate"], "epochs_run": summary["epochs_run"],
-        "best_epoch": summary["best_epoch"], "stopped_early": summary["stopped_early"],
-        "test_f1_macro": ev.metrics.get("f1_macro"), "test_accuracy": ev.metrics.get("accuracy"),
-        "tfidf_f1_macro": tfidf, "beats_tfidf": (ev.metrics.get("f1_macro") or 0) > (tfidf or 0),
-        "search_s": round(search_s, 1), "search_cpu_s": round(search_cpu, 1),
+        "bench": "recipes",
+        "dataset": dataset,
+        "method": method,
+        "recipe": recipe,
+        "max_rows": max_rows,
+        "train_rows": manifest["splits"]["train"]["rows"],
+        "validation_rows": manifest["splits"]["validation"]["rows"],
+        "test_rows": manifest["splits"]["test"]["rows"],
+        "head": info.get("head"),
+        "learning_rate": summary["learning_rate"],
+        "epochs_run": summary["epochs_run"],
+        "best_epoch": summary["best_epoch"],
+        "stopped_early": summary["stopped_early"],
+        "test_f1_macro": ev.metrics.get("f1_macro"),
+        "test_accuracy": ev.metrics.get("accuracy"),
+        "tfidf_f1_macro": tfidf,
+        "beats_tfidf": (ev.metrics.get("f1_macro") or 0) > (tfidf or 0),
+        "search_s": round(search_s, 1),
+        "search_cpu_s": round(search_cpu, 1),
         "search_trials": [(t["rate"], t["steps"], t["score"]) for t in (search or {}).get("trials", [])],
-        "train_s": round(train_s, 1), "train_cpu_s": round(train_cpu, 1), "total_s": round(time.perf_counter() - t0, 1),
+        "train_s": round(train_s, 1),
+        "train_cpu_s": round(train_cpu, 1),
+        "total_s": round(time.perf_counter() - t0, 1),
         "reused": trained.reused,
     }
 
 
 def table(rows: list[dict]) -> str:
-    head = ["dataset", "method", "recipe", "head", "lr", "epochs run (best)", "test macro-F1", "TF-IDF macro-F1",
-            "beats TF-IDF", "search s (CPU s)", "train s"]
+    head = [
+        "dataset",
+        "method",
+        "recipe",
+        "head",
+        "lr",
+        "epochs run (best)",
+        "test macro-F1",
+        "TF-IDF macro-F1",
+        "beats TF-IDF",
+        "search s (CPU s)",
+        "train s",
+    ]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         search = f"{r['search_s']} ({r['search_cpu_s']})" if r["recipe"] == "auto" else "–"
-        out.append("| " + " | ".join(str(x) for x in [
-            r["dataset"], r["method"], r["recipe"], r["head"], f"{r['learning_rate']:g}",
-            f"{r['epochs_run']} ({r['best_epoch']})", f"{r['test_f1_macro']:.4f}", f"{r['tfidf_f1_macro']:.4f}",
-            "yes" if r["beats_tfidf"] else "**no**", search, r["train_s"]]) + " |")
+        out.append(
+            "| "
+            + " | ".join(
+                str(x)
+                for x in [
+                    r["dataset"],
+                    r["method"],
+                    r["recipe"],
+                    r["head"],
+                    f"{r['learning_rate']:g}",
+                    f"{r['epochs_run']} ({r['best_epoch']})",
+                    f"{r['test_f1_macro']:.4f}",
+                    f"{r['tfidf_f1_macro']:.4f}",
+                    "yes" if r["beats_tfidf"] else "**no**",
+                    search,
+                    r["train_s"],
+                ]
+            )
+            + " |"
+        )
     return "\n".join(out)
 
 

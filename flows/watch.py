@@ -2,13 +2,13 @@
 complete data file as a `dataset.updated` event (which triggers the `retrain-on-new-data` deployment).
 
 Deployed with an interval schedule for storage that cannot be watched continuously; `finetune watch`
-is the long-running equivalent. Wiring only; the logic is in tasks/watching.py.
+is the long-running equivalent. Wiring only; the logic is in tasks/data/watching.py.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from prefect import flow, get_run_logger
 
@@ -19,11 +19,11 @@ def watch_data(
     dataset: str = "demo",
     workspace: str = "./workspace",
     stable_seconds: float = 5.0,
-    state_file: Optional[str] = None,
+    state_file: str | None = None,
     create_missing: bool = True,
 ) -> dict[str, Any]:
     """Scan a drop folder or fsspec URL once; emit dataset.updated for each new complete file."""
-    from tasks.watching import canonical_location, check_location, default_state_path
+    from tasks.data.watching import canonical_location, check_location, default_state_path
 
     logger = get_run_logger()
     location = canonical_location(location)

@@ -5,7 +5,7 @@ neither caches correctly across runs. Here each stage supplies a cheap `key_fn(*
 computed from content (data bytes, the config fields that matter to the stage, upstream keys, the
 base-model fingerprint) and the cache key also hashes:
 
-- the stage's code version (the bytes of the modules that implement it), and
+- the stage's code version (the source of the import closure of the module that implements it), and
 - a check that the stage's output folder still exists: when it was deleted, the stored cache record
   for the key is dropped before Prefect looks it up, so the hit becomes a miss and the task runs.
 
@@ -15,16 +15,18 @@ second wait for the first's cache record and reuse it.
 
 from __future__ import annotations
 
+import ast
 import hashlib
-import importlib.util
 import json
 import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from prefect.cache_policies import CachePolicy
 from prefect.locking.filesystem import FileSystemLockManager
@@ -34,16 +36,84 @@ log = logging.getLogger("finetune.caching")
 KeyFn = Callable[..., tuple[str, Path]]
 
 
-def code_version(*modules: str) -> str:
-    """Hash of the source files of the named modules (no import: find_spec only)."""
-    h = hashlib.sha256()
-    for name in modules:
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            h.update(name.encode())
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_PACKAGES = ("tasks", "flows")
+
+
+def module_file(name: str, root: Path = PROJECT_ROOT) -> Path | None:
+    """The source file of a project module (no import), or None when `name` is not one."""
+    base = root.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def project_imports(path: Path, root: Path = PROJECT_ROOT) -> set[str]:
+    """Project modules imported anywhere in a file (top level and inside functions), read with `ast`."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            if name.split(".")[0] in PROJECT_PACKAGES and module_file(name, root) is not None:
+                found.add(name)
+    return found
+
+
+def import_closure(module: str, root: Path = PROJECT_ROOT) -> list[str]:
+    """`module` and every project module it imports, transitively (parent packages included)."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
             continue
-        h.update(Path(spec.origin).read_bytes())
+        seen.add(name)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) not in seen]
+        path = module_file(name, root)
+        if path is not None:
+            todo += sorted(project_imports(path, root) - seen)
+    return sorted(n for n in seen if module_file(n, root) is not None)
+
+
+def _code_files(modules: list[str], root: Path) -> list[Path]:
+    """The closure's files, plus code loaded by path beside them (folders without __init__.py, e.g. the
+    `evaluate` metric modules under tasks/evaluation/metrics/)."""
+    files: set[Path] = set()
+    for name in modules:
+        path = module_file(name, root)
+        files.add(path)
+        for sub in path.parent.iterdir():
+            if sub.is_dir() and not (sub / "__init__.py").exists() and sub.name != "__pycache__":
+                files.update(sub.rglob("*.py"))
+    return sorted(files)
+
+
+@lru_cache(maxsize=256)
+def _code_version(module: str, root: Path, stamp: tuple) -> str:
+    h = hashlib.sha256()
+    for f in _code_files(import_closure(module, root), root):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def code_version(module: str, root: Path = PROJECT_ROOT) -> str:
+    """Hash of the source of `module`'s import closure: editing any module a stage runs changes its key, and a
+    renamed module cannot silently drop out (the names come from the code's own imports, not a hand-kept list)."""
+    stamp = tuple(
+        (str(p), p.stat().st_mtime_ns, p.stat().st_size)
+        for pkg in PROJECT_PACKAGES
+        if (root / pkg).is_dir()
+        for p in sorted((root / pkg).rglob("*.py"))
+    )
+    return _code_version(module, root, stamp)
 
 
 @dataclass
@@ -51,15 +121,17 @@ class StageCache(CachePolicy):
     """Cache key = stage name + code version + content key + whether the output folder exists."""
 
     stage: str = ""
-    key_fn: Optional[KeyFn] = None
-    modules: tuple[str, ...] = field(default_factory=tuple)
-    records_dir: Optional[str] = None
+    key_fn: KeyFn | None = None
+    module: str = ""  # the module of the stage's implementation: its import closure is the code version
+    records_dir: str | None = None
 
-    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> Optional[str]:
+    def compute_key(
+        self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
         if self.key_fn is None:
             return None
         key, path = self.key_fn(**inputs)
-        raw = "|".join([self.stage, code_version(*self.modules), key])
+        raw = "|".join([self.stage, code_version(self.module), key])
         cache_key = f"{self.stage}-{hashlib.sha256(raw.encode()).hexdigest()[:32]}"
         if self.records_dir and not Path(path).exists():
             (Path(self.records_dir) / cache_key).unlink(missing_ok=True)  # output gone: a miss, not a hit
@@ -103,8 +175,9 @@ class ProcessLockManager(FileSystemLockManager):
             except ValueError:  # empty or half-written: its writer is between touch and write
                 time.sleep(self.READ_PAUSE_S)
         path = Path(self._lock_path_for_key(key))
-        log.warning("removing stale lock %s: still unreadable after %.1f s", path.name,
-                    self.READ_RETRIES * self.READ_PAUSE_S)
+        log.warning(
+            "removing stale lock %s: still unreadable after %.1f s", path.name, self.READ_RETRIES * self.READ_PAUSE_S
+        )
         path.unlink(missing_ok=True)
         self._locks.pop(key, None)
         return None
@@ -136,12 +209,12 @@ class ProcessLockManager(FileSystemLockManager):
         return super().is_locked(key, use_cache=use_cache)
 
 
-def stage_policy(stage: str, key_fn: KeyFn, modules: tuple[str, ...], workspace: Path) -> StageCache:
+def stage_policy(stage: str, key_fn: KeyFn, module: str, workspace: Path) -> StageCache:
     """A StageCache storing its records under the workspace, serializable with file locks."""
     from prefect.transactions import IsolationLevel
 
     records = workspace / "prefect" / "cache-keys"
-    return StageCache(stage=stage, key_fn=key_fn, modules=modules, records_dir=str(records)).configure(
+    return StageCache(stage=stage, key_fn=key_fn, module=module, records_dir=str(records)).configure(
         key_storage=str(records),
         lock_manager=ProcessLockManager(lock_files_directory=workspace / "prefect" / "locks"),
         isolation_level=IsolationLevel.SERIALIZABLE,

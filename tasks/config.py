@@ -1,26 +1,24 @@
-"""The run configuration: typed, documented, validated once, with every error reported together.
+"""The run configuration: typed sections with documented fields (pydantic), and the cross-field checks.
 
-Loaded from YAML (`load_config`), with `--set section.key=value` overrides applied before
-validation. Defaults that depend on the method (learning rate) are resolved in one place,
-`resolve_training`, and the resolved values are written next to every run.
+Loading from YAML with `--set section.key=value` overrides, and collecting every problem at once (field errors
+and cross-field contradictions together) is tasks/config_loading.py. Defaults that depend on the method, the data
+or the machine (learning rate, micro-batch, precision, ...) are resolved once, in the run plan
+(tasks/training/planner.py), and written next to every run.
 
-Imports stay light (pydantic, yaml): the CLI's `--help` and config checks must not pull in torch.
+Imports stay light (pydantic): the CLI's `--help` and config checks must not pull in torch.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tasks.config_checks import cross_field_problems
 
 BUNDLED_MODEL = "bundled:all-MiniLM-L6-v2"
-
-# Learning-rate defaults per method (the seed article: full FT 1e-5..5e-5, adapters 1e-4..3e-4).
-DEFAULT_LEARNING_RATE = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4, "dora": 2e-4}
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 class ConfigError(ValueError):
@@ -35,8 +33,24 @@ class ConfigError(ValueError):
         super().__init__("\n".join(lines))
 
 
+def _allows_bool(annotation) -> bool:
+    return annotation is bool or bool in get_args(annotation)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_yaml_booleans_for_numbers(cls, v, info):
+        """YAML reads yes/no/on/off as booleans; a number field must not take True as 1."""
+        field = cls.model_fields.get(info.field_name)
+        if isinstance(v, bool) and field is not None and not _allows_bool(field.annotation):
+            raise ValueError(
+                f"expected {field.annotation!s} but got the boolean {v} (YAML reads yes/no/on/off as "
+                "booleans); fix: write the value you mean"
+            )
+        return v
 
 
 class SplitConfig(_Section):
@@ -79,23 +93,6 @@ class DataConfig(_Section):
         None, ge=10, description="Optional seeded subsample of the train pool (rows) for quick runs."
     )
 
-    @model_validator(mode="after")
-    def _check(self) -> "DataConfig":
-        problems = []
-        if isinstance(self.source, dict):
-            unknown = set(self.source) - {"train", "validation", "test"}
-            if unknown:
-                problems.append(f"source: unknown split name(s) {sorted(unknown)}; use train, validation, test")
-            if "train" not in self.source:
-                problems.append("source: a split mapping needs a 'train' entry")
-        if self.label_delimiter is not None and self.task not in ("auto", "multi_label"):
-            problems.append("label_delimiter is only meaningful for task multi_label")
-        if self.split.validation + self.split.test >= 0.8:
-            problems.append("split.validation + split.test must leave at least 20 % for training")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
 
 class ModelConfig(_Section):
     """The pretrained base model."""
@@ -132,30 +129,12 @@ class MethodConfig(_Section):
         "auto", description="QLoRA compute dtype; auto: bfloat16 where supported, else float32."
     )
 
-    @model_validator(mode="after")
-    def _check(self) -> "MethodConfig":
-        if self.kind == "full":
-            set_fields = self.model_fields_set
-            adapter_only = sorted(
-                set_fields
-                & {"lora_r", "lora_alpha", "lora_dropout", "target_modules", "quant_type", "double_quant", "compute_dtype"}
-            )
-            if adapter_only:
-                raise ValueError(
-                    f"{', '.join(adapter_only)} only apply to lora/qlora/dora, but kind is 'full'; "
-                    "remove them or choose an adapter method"
-                )
-        elif self.kind in ("lora", "dora"):
-            quant = sorted(self.model_fields_set & {"quant_type", "double_quant", "compute_dtype"})
-            if quant:
-                raise ValueError(f"{', '.join(quant)} only apply to qlora, but kind is '{self.kind}'")
-        return self
-
 
 class EarlyStoppingConfig(_Section):
     metric: str = Field(
-        "auto", description="Validation metric to watch: auto (the evaluation's primary metric: f1_macro single-label, "
-        "f1_micro multi-label, r2 regression), loss, or a metric name such as accuracy."
+        "auto",
+        description="Validation metric to watch: auto (the evaluation's primary metric: f1_macro single-label, "
+        "f1_micro multi-label, r2 regression), loss, or a metric name such as accuracy.",
     )
     patience: int = Field(2, ge=1, description="Evaluations without improvement before stopping.")
     min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
@@ -165,69 +144,96 @@ class LRSearchConfig(_Section):
     """The learning-rate search run when training.learning_rate is auto (tasks/lr_search.py)."""
 
     candidates: list[float] | None = Field(
-        None, description="Rates to try; None: 4 rates spanning the method's range (full 1e-5..3e-4, adapters 1e-4..5e-3)."
+        None,
+        description="Rates to try; None: 4 rates spanning the method's range (full 1e-5..3e-4, adapters 1e-4..5e-3).",
     )
     rung_steps: list[int] | None = Field(
-        None, description="Optimizer steps per rung of successive halving; None: rung 1 = 25 % of an epoch (8..60 "
+        None,
+        description="Optimizer steps per rung of successive halving; None: rung 1 = 25 % of an epoch (8..60 "
         "steps), rung 2 = 4x that, at most one epoch (at least 2x rung 1); the best half of each rung goes on. A trial "
-        "warms up over warmup_ratio of its steps, then trains at its full rate (no decay)."
+        "warms up over warmup_ratio of its steps, then trains at its full rate (no decay).",
     )
     keep: float = Field(0.5, gt=0, le=1, description="Share of candidates kept after each rung.")
     max_parallel: int = Field(
-        2, ge=1, le=256, description="Trials run at the same time (Prefect task concurrency); with a Dask or Ray task "
-        "runner they spread over its workers."
+        2,
+        ge=1,
+        le=256,
+        description="Trials run at the same time (Prefect task concurrency); with a Dask or Ray task "
+        "runner they spread over its workers.",
     )
 
 
 class TrainingConfig(_Section):
     """The training loop."""
 
-    learning_rate: float | Literal["auto"] | None = Field(
-        "auto", description="auto: a short search (training.search) picks it before training; None: the method's "
-        "textbook default (2e-5 full, 2e-4 lora/qlora/dora); a number: that rate, no search."
+    learning_rate: float | Literal["auto", "default"] = Field(
+        "auto",
+        description="auto: a short search (training.search) picks it before training; default: the method's "
+        "textbook rate (2e-5 full, 2e-4 lora/qlora/dora); a number: that rate, no search.",
     )
     search: LRSearchConfig = Field(default_factory=LRSearchConfig)
 
     @field_validator("learning_rate", mode="before")
     @classmethod
     def _rate(cls, v):
-        if v is None or v == "auto":
+        if v in ("auto", "default"):
             return v
+        if v is None:
+            raise ValueError(
+                "null is not a learning rate; use 'default' for the method's textbook rate, 'auto' for "
+                "the search, or a number"
+            )
         try:
             f = float(v)
         except (TypeError, ValueError):
-            raise ValueError(f"must be a number between 0 and 1, 'auto' (search) or null (method default); got {v!r}") from None
+            raise ValueError(
+                f"must be a number between 0 and 1, 'auto' (search) or 'default' (the method's textbook "
+                f"rate); got {v!r}"
+            ) from None
         if not 0 < f < 1:
             raise ValueError(f"must be between 0 and 1 (exclusive); got {f:g}")
         return f
+
     epochs: int = Field(
-        10, ge=1, le=100, description="Maximum epochs: training stops earlier when the early-stopping metric has not "
-        "improved for early_stopping.patience evaluations (the best epoch's weights are kept)."
+        10,
+        ge=1,
+        le=100,
+        description="Maximum epochs: training stops earlier when the early-stopping metric has not "
+        "improved for early_stopping.patience evaluations (the best epoch's weights are kept).",
     )
-    effective_batch_size: int = Field(16, ge=1, description="Samples per optimizer step (micro-batch x accumulation x processes).")
-    micro_batch_size: int | None = Field(None, ge=1, description="Per-step batch; None: up to the effective batch size, capped at 32.")
+    effective_batch_size: int = Field(
+        16, ge=1, description="Samples per optimizer step (micro-batch x accumulation x processes)."
+    )
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="Per-step batch; None: up to the effective batch size, capped at 32."
+    )
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     eval_every_epochs: int = Field(1, ge=1)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     group_by_length: bool = Field(True, description="Batch texts of similar length together (less padding).")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on capable GPUs, fp32 on CPU.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on capable GPUs, fp32 on CPU."
+    )
     processes: int = Field(1, ge=1, le=64, description=">1 launches torchrun with that many processes (DDP).")
     seed: int = 42
     timeout_s: int = Field(6 * 3600, ge=10, description="Training child process is killed after this many seconds.")
     save_every_steps: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps (and each epoch).")
     loss: Literal["auto", "cross_entropy", "bce", "mse"] = Field(
-        "auto", description="auto: cross_entropy (single_label), bce (multi_label), mse (regression); another pairing is an error."
+        "auto",
+        description="auto: cross_entropy (single_label), bce (multi_label), mse (regression); another pairing is an error.",
     )
     gradient_checkpointing: bool | None = Field(
-        None, description="Recompute activations in backward (less memory, slower). None: on for qlora on a GPU, off otherwise."
+        None,
+        description="Recompute activations in backward (less memory, slower). None: on for qlora on a GPU, off otherwise.",
     )
 
 
 class EvaluationConfig(_Section):
     primary_metric: str | None = Field(
-        None, description="Metric for the promotion gate; None: f1_macro (single-label), f1_micro (multi-label), r2 (regression)."
+        None,
+        description="Metric for the promotion gate; None: f1_macro (single-label), f1_micro (multi-label), r2 (regression).",
     )
     baselines: bool = Field(True, description="Also score majority and TF-IDF baselines on the same test split.")
     batch_size: int = Field(64, ge=1)
@@ -240,13 +246,19 @@ class EvaluationConfig(_Section):
 
 class ExportConfig(_Section):
     onnx: bool = Field(False, description="Also export ONNX (with a parity check against torch).")
-    merge_tolerance: float = Field(1e-3, gt=0, description="Max |logit difference| accepted between merged and adapter model.")
+    merge_tolerance: float = Field(
+        1e-3, gt=0, description="Max |logit difference| accepted between merged and adapter model."
+    )
     qlora_min_agreement: float = Field(
-        0.9, ge=0, le=1,
+        0.9,
+        ge=0,
+        le=1,
         description="QLoRA: least share of test rows on which the merged 16/32-bit model predicts what the 4-bit adapter model does.",
     )
     verify_max_rows: int | None = Field(
-        2000, ge=1, description="Test rows used to verify the merge and the ONNX parity: a seeded sample when the "
+        2000,
+        ge=1,
+        description="Test rows used to verify the merge and the ONNX parity: a seeded sample when the "
         "test split is larger (None: all of it). The checks are arithmetic (a wrong merge moves most rows), so a "
         "sample finds what the whole split would; on AG News' 7,600 rows the whole split made the export take "
         "longer than the training.",
@@ -277,7 +289,8 @@ class RetrainConfig(_Section):
         "adapter (adapter methods only; see docs/deployments.md for the current state).",
     )
     dataset_name: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
         description="Name of the data-version log <workspace>/data-versions/<name>.json (None: registry.name).",
     )
 
@@ -296,149 +309,22 @@ class RunConfig(_Section):
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
 
     @model_validator(mode="after")
-    def _check(self) -> "RunConfig":
-        ws = Path(self.workspace).expanduser()
-        if ws.exists() and not ws.is_dir():
-            raise ValueError(f"workspace: {ws} exists and is not a folder; fix: point workspace at a folder (it is created if missing)")
-        eff, micro, procs = (
-            self.training.effective_batch_size,
-            self.training.micro_batch_size,
-            self.training.processes,
-        )
-        if micro is not None and eff % (micro * procs) != 0:
-            raise ValueError(
-                f"training.effective_batch_size ({eff}) must be a multiple of "
-                f"training.micro_batch_size x training.processes ({micro} x {procs})"
-            )
-        if self.data.task == "regression" and self.data.class_weighting != "none":
-            raise ValueError("data.class_weighting must be 'none' for task regression (MSE has no class weights)")
+    def _cross_field(self) -> RunConfig:
+        problems = cross_field_problems(lambda path: _get(self, path), lambda section: _set_fields(self, section))
+        if problems:
+            raise ValueError("; ".join(f"{p}: {m}" for p, m in problems))
         return self
 
     def workspace_path(self) -> Path:
         return Path(self.workspace).expanduser().resolve()
 
-    def section_hash(self, *sections: str) -> str:
-        """A stable hash of the named sections (for cache keys and run-folder names)."""
-        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+def _get(cfg: BaseModel, path: str):
+    node: Any = cfg
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """`a.b=c` -> (["a", "b"], parsed c); the value is parsed as YAML (numbers, bools, lists)."""
-    if "=" not in item:
-        raise ConfigError([(item, "an override must look like section.key=value")])
-    key, raw = item.split("=", 1)
-    keys = [k for k in key.strip().split(".")]
-    if not all(keys):
-        raise ConfigError([(key, "empty key in override path")])
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return keys, value
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `--set` overrides to a raw config dict (a sub-key replaces a scalar with a mapping)."""
-    for item in overrides:
-        keys, value = parse_override(item)
-        node = raw
-        for k in keys[:-1]:
-            if not isinstance(node.get(k), dict):
-                node[k] = {}
-            node = node[k]
-        node[keys[-1]] = value
-    return raw
-
-
-def _format_loc(loc: tuple) -> str:
-    """A pydantic error location as a field path (a.b.c[0]), without pydantic's union-branch tags."""
-    parts: list[str] = []
-    model: type[BaseModel] | None = RunConfig
-    for item in loc:
-        if isinstance(item, int):
-            if parts:
-                parts[-1] += f"[{item}]"
-            continue
-        if model is not None and item in model.model_fields:
-            parts.append(item)
-            ann = model.model_fields[item].annotation
-            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-        elif model is not None:
-            # an unknown key (extra_forbidden) or a validator's own location: keep it
-            parts.append(str(item))
-            model = None
-    return ".".join(parts) or "(top level)"
-
-
-def _fields_at(loc: tuple) -> list[str]:
-    """The field names of the config section at `loc` (for 'unknown key' messages)."""
-    model: type[BaseModel] = RunConfig
-    for item in loc:
-        ann = model.model_fields[item].annotation if item in model.model_fields else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            break
-        model = ann
-    return list(model.model_fields)
-
-
-def validate_config(raw: dict, source: str | None = None) -> RunConfig:
-    """Validate a raw dict; raise one ConfigError listing every problem with its field path."""
-    if not isinstance(raw, dict):
-        raise ConfigError([("(top level)", f"expected a mapping of sections, got {type(raw).__name__}")], source)
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as exc:
-        problems: list[tuple[str, str]] = []
-        seen = set()
-        for err in exc.errors():
-            path = _format_loc(err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = f"unknown key; valid keys here: {', '.join(_fields_at(err['loc'][:-1]))}"
-            if (path, msg) not in seen:
-                seen.add((path, msg))
-                problems.append((path, msg))
-        raise ConfigError(problems, source) from None
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (or the defaults when path is None), apply overrides, validate once."""
-    raw: dict = {}
-    source = None
-    if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError([("(file)", f"config file {p} does not exist")], source)
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError([("(file)", f"not valid YAML: {exc}")], source) from None
-        if not isinstance(raw, dict):
-            raise ConfigError([("(top level)", "the YAML file must hold a mapping of sections")], source)
-    raw = apply_overrides(raw, overrides or [])
-    return validate_config(raw, source)
-
-
-def resolve_training(cfg: RunConfig, method_kind: str | None = None) -> dict:
-    """The training settings with method-dependent defaults filled in (the one place they are resolved)."""
-    kind = method_kind or cfg.method.kind
-    t = cfg.training.model_dump(mode="json")
-    if t["learning_rate"] == "auto":  # the search did not run (train_model called directly): the default
-        t["learning_rate"] = DEFAULT_LEARNING_RATE.get(kind, 2e-4)
-        t["learning_rate_source"] = f"auto without a search: default for {kind}"
-    elif t["learning_rate"] is None:
-        t["learning_rate"] = DEFAULT_LEARNING_RATE.get(kind, 2e-4)
-        t["learning_rate_source"] = f"default for {kind}"
-    else:
-        t["learning_rate_source"] = "config"
-    eff, procs = t["effective_batch_size"], t["processes"]
-    micro = t["micro_batch_size"]
-    if micro is None:
-        per_proc = max(1, eff // procs)
-        micro = next(m for m in range(min(per_proc, 32), 0, -1) if per_proc % m == 0 and eff % (m * procs) == 0)
-    t["micro_batch_size"] = micro
-    t["gradient_accumulation_steps"] = max(1, eff // (micro * procs))
-    t["method"] = kind
-    return t
+def _set_fields(cfg: BaseModel, section: str) -> set[str]:
+    return set(_get(cfg, section).model_fields_set)

@@ -8,8 +8,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 _CHUNK = 1 << 20
 
@@ -31,6 +31,20 @@ def sha256_tree(path: str | Path, suffixes: tuple[str, ...] | None = None) -> st
             continue
         h.update(str(f.relative_to(root)).encode())
         h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def folder_stamp(path: str | Path) -> str:
+    """A cheap stamp of a folder's files: relative path, size and mtime of each (reads no file). Stands for the
+    content of folders that are only ever replaced whole (a run's model/), where hashing gigabytes of weights
+    on every cache check would cost more than the check saves."""
+    root = Path(path)
+    if not root.is_dir():
+        return "missing"
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()
 
 

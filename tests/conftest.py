@@ -72,8 +72,13 @@ def _bert_tokenizer(path: Path):
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_max_length=512,
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
     )
     fast.save_pretrained(path)
     return fast
@@ -86,8 +91,9 @@ def _llama_tokenizer(path: Path):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   model_max_length=512)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", model_max_length=512
+    )
     fast.save_pretrained(path)  # no pad token on purpose: decoders ship without one
     return fast
 
@@ -101,8 +107,15 @@ def tiny_bert(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-bert")
     tok = _bert_tokenizer(path)
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+    )
     BertModel(cfg).save_pretrained(path)
     return path
 
@@ -116,9 +129,17 @@ def tiny_llama(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-llama")
     tok = _llama_tokenizer(path)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
 
@@ -140,3 +161,87 @@ def write_csv(path: Path, rows: list[dict], columns: list[str] | None = None) ->
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+# ---- training helpers shared by the training tests ------------------------------------------------------------
+
+
+def plan_for(cfg, prepared, tokenized):
+    """The resolved RunPlan of `cfg` on prepared/tokenized folders (the rate must not be `auto`)."""
+    from tasks.training.planner import plan_run
+
+    plan = plan_run(cfg, prepared, tokenized)
+    assert plan.learning_rate is not None, "set training.learning_rate to a number or 'default' in this test"
+    return plan
+
+
+def prepare_run(cfg, prepared, tokenized) -> Path:
+    """The run folder of cfg's plan with its plan.json, nothing launched (tests then run the loop in-process)."""
+    from tasks.training.launch import prepare_run as prepare
+    from tasks.workspace import Workspace
+
+    return prepare(plan_for(cfg, prepared, tokenized), Workspace.at(cfg.workspace))
+
+
+def train_model(cfg, prepared, tokenized):
+    """Plan, search when the rate is auto, train in the child process: the `finetune train` path."""
+    from tasks.training.recipe import train_from_config
+
+    return train_from_config(cfg, prepared, tokenized)
+
+
+def tiny_plan(base, task: str = "single_label", labels=("neg", "neu", "pos"), method: str = "full", **fields):
+    """A RunPlan built by hand for unit tests of the builder and loaders (no dataset folders needed)."""
+    from tasks.model.methods import get_method
+    from tasks.plan import RunPlan
+
+    m = get_method(method)
+    settings = {k: v for k, v in fields.pop("method_settings", {}).items() if k in m.settings}
+    quantization = m.quantization(
+        {**{"quant_type": "nf4", "double_quant": True}, **settings}, "float32", fields.pop("skip_modules", [])
+    )
+    plan = dict(
+        task=task,
+        labels=list(labels) if task != "regression" else [],
+        target_name="target",
+        dataset_fingerprint="d",
+        prepared_path="",
+        tokenized_key="t",
+        tokenized_path="",
+        max_length=32,
+        base_model=str(base),
+        base_model_name=str(base),
+        base_model_fingerprint="b",
+        tokenizer_path=str(base),
+        head="pooler",
+        head_reason="test",
+        method=method,
+        method_reason="test",
+        method_settings=settings,
+        quantization=quantization,
+        learning_rate=1e-3,
+        learning_rate_source="config",
+        epochs=1,
+        effective_batch_size=8,
+        micro_batch_size=8,
+        gradient_accumulation_steps=1,
+        processes=1,
+        warmup_ratio=0.0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        eval_every_epochs=1,
+        group_by_length=True,
+        seed=42,
+        loss="cross_entropy",
+        early_stopping_metric="val_loss",
+        patience=2,
+        min_delta=0.0,
+        device="cpu",
+        precision="fp32",
+        base_dtype="float32",
+        gradient_checkpointing=False,
+        timeout_s=600,
+        save_every_steps=None,
+    )
+    plan.update(fields)
+    return RunPlan(**plan)

@@ -9,15 +9,20 @@ import pandas as pd
 import pytest
 from conftest import WORDS, shared_data, toy_rows, write_csv
 
-from tasks.baselines import majority_scores, score_baselines, texts_of, tfidf_scores
 from tasks.config import RunConfig
-from tasks.data import load_split, prepare_dataset
-from tasks.metrics import compute_metrics
+from tasks.data.prepare import load_split, prepare_dataset
+from tasks.evaluation.baselines import majority_scores, score_baselines, texts_of, tfidf_scores
+from tasks.evaluation.metrics import compute_metrics
 
 
 def _df(rows, labels):
-    return pd.DataFrame({"id": [str(i) for i in range(len(rows))], "text": [r["text"] for r in rows],
-                         "label": [labels.index(r["label"]) for r in rows]})
+    return pd.DataFrame(
+        {
+            "id": [str(i) for i in range(len(rows))],
+            "text": [r["text"] for r in rows],
+            "label": [labels.index(r["label"]) for r in rows],
+        }
+    )
 
 
 def test_majority_single_label_scores_the_majority_rate():
@@ -99,9 +104,10 @@ def test_score_baselines_on_a_prepared_dataset(tmp_path, workspace):
 @pytest.mark.slow
 def test_tfidf_on_real_sms_spam(tmp_path):
     path = shared_data("sms_spam")
-    cfg = RunConfig(workspace=str(tmp_path / "ws"), data={
-        "source": {"train": str(path / "train.csv"), "test": str(path / "test.csv")},
-        "max_rows": 2000})
+    cfg = RunConfig(
+        workspace=str(tmp_path / "ws"),
+        data={"source": {"train": str(path / "train.csv"), "test": str(path / "test.csv")}, "max_rows": 2000},
+    )
     prepared = prepare_dataset(cfg)
     out = score_baselines(prepared.path)
     assert out["tfidf"]["metrics"]["f1_macro"] > 0.85

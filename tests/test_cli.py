@@ -10,16 +10,19 @@ from conftest import REPO
 
 
 def _run(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "tasks.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "tasks.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_help_is_fast_and_does_not_import_torch():
-    code = ("import sys, time; t=time.perf_counter(); sys.argv=['finetune','--help']\n"
-            "from tasks.cli import app\n"
-            "try:\n    app()\nexcept SystemExit:\n    pass\n"
-            "heavy=[m for m in ('torch','transformers','datasets','peft','prefect') if m in sys.modules]\n"
-            "print('HEAVY', heavy, time.perf_counter()-t)")
+    code = (
+        "import sys, time; t=time.perf_counter(); sys.argv=['finetune','--help']\n"
+        "from tasks.cli.app import app\n"
+        "try:\n    app()\nexcept SystemExit:\n    pass\n"
+        "heavy=[m for m in ('torch','transformers','datasets','peft','prefect') if m in sys.modules]\n"
+        "print('HEAVY', heavy, time.perf_counter()-t)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     line = [l for l in out.stdout.splitlines() if l.startswith("HEAVY")][0]
     assert "[]" in line, line
@@ -36,8 +39,15 @@ def test_bad_config_exits_2_with_every_problem(tmp_path):
 
 
 def test_bad_data_exits_2_without_traceback(tmp_path):
-    res = _run("data", "prepare", "configs/demo.yaml", "--set", f"data.source={tmp_path}/missing.csv",
-               "--set", f"workspace={tmp_path}/ws")
+    res = _run(
+        "data",
+        "prepare",
+        "configs/demo.yaml",
+        "--set",
+        f"data.source={tmp_path}/missing.csv",
+        "--set",
+        f"workspace={tmp_path}/ws",
+    )
     assert res.returncode == 2 and "missing.csv does not exist" in res.stderr and "Traceback" not in res.stderr
 
 

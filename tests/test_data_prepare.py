@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import REPO, shared_data, toy_rows, write_csv
-from tasks.config import load_config
-from tasks.data import load_split, prepare_dataset
+
+from tasks.config_loading import load_config
+from tasks.data.prepare import load_split, prepare_dataset
 
 
 def _cfg(workspace, source, *sets):
@@ -30,8 +29,16 @@ def _manifest(result):
 def test_cli_prepares_sms_spam_stratified_with_balanced_weights_and_reuses(tmp_path):
     src = shared_data("sms_spam", "train.csv")
     ws = tmp_path / "ws"
-    cmd = [str(REPO / ".venv" / "bin" / "finetune"), "data", "prepare", "configs/demo.yaml",
-           "--set", f"data.source={src}", "--set", f"workspace={ws}"]
+    cmd = [
+        str(REPO / ".venv" / "bin" / "finetune"),
+        "data",
+        "prepare",
+        "configs/demo.yaml",
+        "--set",
+        f"data.source={src}",
+        "--set",
+        f"workspace={ws}",
+    ]
     if not Path(cmd[0]).exists():
         cmd[:1] = [sys.executable, "-m", "tasks.cli"]
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -116,8 +123,9 @@ def test_folder_source_with_split_files_and_parquet(workspace, tmp_path):
 def test_saved_datasets_folder_source(workspace, tmp_path):
     import datasets
 
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(toy_rows(60)),
-                               "test": datasets.Dataset.from_list(toy_rows(12, seed=9))})
+    dd = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(toy_rows(60)), "test": datasets.Dataset.from_list(toy_rows(12, seed=9))}
+    )
     dd.save_to_disk(str(tmp_path / "saved"))
     m = _manifest(prepare_dataset(_cfg(workspace, tmp_path / "saved")))
     assert m["splits"]["test"]["rows"] == 12 and m["labels"] == ["neg", "neu", "pos"]
@@ -136,8 +144,11 @@ def test_effective_number_and_no_weights(workspace, tmp_path):
     rows = toy_rows(60) + [{"text": f"extra pos {i}", "label": "pos"} for i in range(60)]
     path = write_csv(tmp_path / "d.csv", rows)
     beta = 0.99
-    m = _manifest(prepare_dataset(_cfg(workspace, path, "data.class_weighting=effective_number",
-                                       f"data.effective_number_beta={beta}")))
+    m = _manifest(
+        prepare_dataset(
+            _cfg(workspace, path, "data.class_weighting=effective_number", f"data.effective_number_beta={beta}")
+        )
+    )
     counts = m["splits"]["train"]["label_counts"]
     raw = {k: (1 - beta) / (1 - beta**c) for k, c in counts.items()}
     scale = len(raw) / sum(raw.values())
@@ -149,8 +160,10 @@ def test_effective_number_and_no_weights(workspace, tmp_path):
 
 
 def test_multilabel_goemotions(workspace):
-    src = {"train": str(shared_data("goemotions", "train.jsonl")),
-           "test": str(shared_data("goemotions", "validation.jsonl"))}
+    src = {
+        "train": str(shared_data("goemotions", "train.jsonl")),
+        "test": str(shared_data("goemotions", "validation.jsonl")),
+    }
     r = prepare_dataset(_cfg(workspace, src, "data.label_column=labels"))
     m = _manifest(r)
     assert m["task"] == "multi_label" and len(m["labels"]) == 28
@@ -193,7 +206,7 @@ def test_max_rows_subsamples_the_train_pool(workspace, tmp_path):
 
 
 def test_failed_run_leaves_no_temporary_folders(workspace, tmp_path, monkeypatch):
-    import tasks.data as data
+    import tasks.data.prepare as data
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -205,7 +218,7 @@ def test_failed_run_leaves_no_temporary_folders(workspace, tmp_path, monkeypatch
 
 
 def test_tokenization_is_keyed_and_reused(workspace, tmp_path, tiny_bert):
-    from tasks.tokenize import tokenize_dataset
+    from tasks.data.tokenize import tokenize_dataset
 
     rows = toy_rows(60) + [{"text": " ".join(["great"] * 100), "label": "pos"}]
     cfg = _cfg(workspace, write_csv(tmp_path / "d.csv", rows), "data.max_length=32")

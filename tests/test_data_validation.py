@@ -7,11 +7,11 @@ import json
 import re
 
 import pytest
-
 from conftest import toy_rows, write_csv
-from tasks.config import load_config
-from tasks.data import prepare_dataset
-from tasks.sources import DataError
+
+from tasks.config_loading import load_config
+from tasks.data.prepare import prepare_dataset
+from tasks.data.sources import DataError
 
 
 def _prepare(workspace, source, *sets):
@@ -25,7 +25,9 @@ def _prepare(workspace, source, *sets):
 def _error(workspace, source, *sets) -> str:
     with pytest.raises(DataError) as info:
         _prepare(workspace, source, *sets)
-    assert not (workspace / "datasets").exists() or not any((workspace / "datasets").iterdir()), "bad data wrote something"
+    assert not (workspace / "datasets").exists() or not any((workspace / "datasets").iterdir()), (
+        "bad data wrote something"
+    )
     return str(info.value)
 
 

@@ -15,11 +15,11 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import UTC
 from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
 
 PREFECT_YAML = REPO / "prefect.yaml"
@@ -41,17 +41,33 @@ class LocalPrefect:
     @property
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(PREFECT_API_URL=self.api, PREFECT_HOME=str(self.home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                   PREFECT_LOGGING_LEVEL="INFO", PYTHONUNBUFFERED="1")
+        env.update(
+            PREFECT_API_URL=self.api,
+            PREFECT_HOME=str(self.home),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_LOGGING_LEVEL="INFO",
+            PYTHONUNBUFFERED="1",
+        )
         return env
 
     def make(self, *targets: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-        cmd = ["make", "--no-print-directory", "-f", "mk/server.mk", *targets, f"BIN={Path(sys.executable).parent}",
-               f"PREFECT_PORT={self.port}", f"PREFECT_SERVER_HOME={self.home}", f"WORK_POOL={self.pool}",
-               f"PREFECT_FILE={self.prefect_file}"]
+        cmd = [
+            "make",
+            "--no-print-directory",
+            "-f",
+            "mk/server.mk",
+            *targets,
+            f"BIN={Path(sys.executable).parent}",
+            f"PREFECT_PORT={self.port}",
+            f"PREFECT_SERVER_HOME={self.home}",
+            f"WORK_POOL={self.pool}",
+            f"PREFECT_FILE={self.prefect_file}",
+        ]
         res = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and res.returncode != 0:
-            raise AssertionError(f"{' '.join(targets)} failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+            raise AssertionError(
+                f"{' '.join(targets)} failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+            )
         return res
 
     def pid(self, name: str) -> int | None:
@@ -111,11 +127,12 @@ def wait_for(fn, timeout: float, what: str, interval: float = 0.5):
 
 # ---- static: prefect.yaml as Prefect reads it --------------------------------------------------------
 
+
 def test_prefect_yaml_is_valid_and_complete():
     from prefect.cli.deploy._models import PrefectYamlModel
     from prefect.cli.deploy._triggers import _initialize_deployment_triggers
 
-    from tasks.config import validate_config
+    from tasks.config_loading import validate_config
 
     raw = yaml.safe_load(PREFECT_YAML.read_text())
     model = PrefectYamlModel.model_validate(raw)
@@ -129,13 +146,18 @@ def test_prefect_yaml_is_valid_and_complete():
         validate_config(deps[name].parameters["config"], source=f"prefect.yaml {name}")
     cron = deps["scheduled-retrain"].schedules[0]
     assert cron.cron == "0 3 * * 1" and cron.timezone == "UTC"
-    (trigger,) = _initialize_deployment_triggers("retrain-on-new-data", [dict(t) for t in deps["retrain-on-new-data"].triggers])
+    (trigger,) = _initialize_deployment_triggers(
+        "retrain-on-new-data", [dict(t) for t in deps["retrain-on-new-data"].triggers]
+    )
     assert trigger.expect == {"dataset.updated"}
-    assert trigger.parameters == {"data_source": "{{ event.payload.path }}", "data_sha256": "{{ event.payload.sha256 }}"}
+    assert trigger.parameters == {
+        "data_source": "{{ event.payload.path }}",
+        "data_sha256": "{{ event.payload.sha256 }}",
+    }
     assert deps["drop-folder-sensor"].entrypoint == "flows/watch.py:watch_data"
     assert deps["drop-folder-sensor"].schedules[0].interval.total_seconds() == 300
     # the event-driven deployment listens to the dataset the watcher names from its config
-    from tasks.watching import resource_id
+    from tasks.data.watching import resource_id
 
     cfg = validate_config(deps["retrain-on-new-data"].parameters["config"])
     assert trigger.match.root["prefect.resource.id"] == resource_id(cfg.retrain.dataset_name or cfg.registry.name)
@@ -150,6 +172,7 @@ def test_make_targets_and_script_are_wired():
 
 
 # ---- a real server ----------------------------------------------------------------------------------
+
 
 @pytest.mark.e2e
 def test_deploy_reads_back_schedule_limits_trigger_and_sensor(tmp_path):
@@ -188,51 +211,91 @@ def test_deploy_reads_back_schedule_limits_trigger_and_sensor(tmp_path):
         assert auto["trigger"]["match"] == {"prefect.resource.id": "finetune.dataset.demo"}
         (action,) = auto["actions"]
         assert action["type"] == "run-deployment" and action["deployment_id"] == deps["retrain-on-new-data"]["id"]
-        assert action["parameters"] == {"data_source": "{{ event.payload.path }}", "data_sha256": "{{ event.payload.sha256 }}"}
+        assert action["parameters"] == {
+            "data_source": "{{ event.payload.path }}",
+            "data_sha256": "{{ event.payload.sha256 }}",
+        }
 
         # the sensor flow, run twice against the server: one real event, then none
         drop = tmp_path / "drop"
         drop.mkdir()
         (drop / "rows.csv").write_text("text,label\ngood,pos\nbad,neg\n")
-        code = ("import json, sys; from flows.watch import watch_data; "
-                "print(json.dumps(watch_data(location=sys.argv[1], dataset='sensor-test', workspace=sys.argv[2], "
-                "stable_seconds=0.5)))")
+        code = (
+            "import json, sys; from flows.watch import watch_data; "
+            "print(json.dumps(watch_data(location=sys.argv[1], dataset='sensor-test', workspace=sys.argv[2], "
+            "stable_seconds=0.5)))"
+        )
         runs = []
         for _ in range(2):
-            res = subprocess.run([sys.executable, "-c", code, str(drop), str(tmp_path / "ws")], cwd=REPO, env=srv.env,
-                                 capture_output=True, text=True, timeout=120)
+            res = subprocess.run(
+                [sys.executable, "-c", code, str(drop), str(tmp_path / "ws")],
+                cwd=REPO,
+                env=srv.env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert res.returncode == 0, res.stderr[-3000:]
             runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
         assert len(runs[0]["announced"]) == 1 and runs[1]["announced"] == []
         sha = runs[0]["announced"][0]["sha256"]
-        events = wait_for(lambda: srv.events("dataset.updated", "finetune.dataset.sensor-test"), 30, "the sensor's event")
+        events = wait_for(
+            lambda: srv.events("dataset.updated", "finetune.dataset.sensor-test"), 30, "the sensor's event"
+        )
         time.sleep(2)
         events = srv.events("dataset.updated", "finetune.dataset.sensor-test")
         assert len(events) == 1
         assert events[0]["payload"]["sha256"] == sha and events[0]["payload"]["path"] == str(drop / "rows.csv")
         # other datasets do not start the demo retraining
-        demo_runs = lambda: [r for r in srv.post("/flow_runs/filter")  # noqa: E731
-                             if r["deployment_id"] == deps["retrain-on-new-data"]["id"]]
+        demo_runs = lambda: [
+            r
+            for r in srv.post("/flow_runs/filter")  # noqa: E731
+            if r["deployment_id"] == deps["retrain-on-new-data"]["id"]
+        ]
         assert not demo_runs()
 
         # the two documented ways to announce data from outside Python (docs/deployments.md) start runs
         # with the event's path and hash as parameters (no worker here: the runs stay scheduled)
-        cli = subprocess.run([str(Path(sys.executable).parent / "prefect"), "event", "emit", "dataset.updated",
-                              "--resource-id", "finetune.dataset.demo",
-                              "--payload", json.dumps({"path": "/data/drop/cli.csv", "sha256": "a" * 64})],
-                             cwd=REPO, env=srv.env, capture_output=True, text=True, timeout=120)
+        cli = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "prefect"),
+                "event",
+                "emit",
+                "dataset.updated",
+                "--resource-id",
+                "finetune.dataset.demo",
+                "--payload",
+                json.dumps({"path": "/data/drop/cli.csv", "sha256": "a" * 64}),
+            ],
+            cwd=REPO,
+            env=srv.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert cli.returncode == 0, cli.stderr[-2000:]
         import uuid
-        from datetime import datetime, timezone
+        from datetime import datetime
 
-        http = httpx.post(srv.api + "/events", json=[{
-            "id": str(uuid.uuid4()), "occurred": datetime.now(timezone.utc).isoformat(), "event": "dataset.updated",
-            "resource": {"prefect.resource.id": "finetune.dataset.demo"},
-            "payload": {"path": "/data/drop/http.csv", "sha256": "b" * 64}}], timeout=30)
+        http = httpx.post(
+            srv.api + "/events",
+            json=[
+                {
+                    "id": str(uuid.uuid4()),
+                    "occurred": datetime.now(UTC).isoformat(),
+                    "event": "dataset.updated",
+                    "resource": {"prefect.resource.id": "finetune.dataset.demo"},
+                    "payload": {"path": "/data/drop/http.csv", "sha256": "b" * 64},
+                }
+            ],
+            timeout=30,
+        )
         assert http.status_code == 204, http.text
         runs = wait_for(lambda: len(demo_runs()) >= 2 and demo_runs(), 60, "two event-triggered flow runs")
         assert sorted((r["parameters"]["data_source"], r["parameters"]["data_sha256"]) for r in runs) == [
-            ("/data/drop/cli.csv", "a" * 64), ("/data/drop/http.csv", "b" * 64)]
+            ("/data/drop/cli.csv", "a" * 64),
+            ("/data/drop/http.csv", "b" * 64),
+        ]
         assert all(r["parameters"]["config"]["registry"]["name"] == "demo" for r in runs)
     finally:
         srv.stop()

@@ -23,14 +23,21 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, toy_rows, write_csv
 from test_deployments import PREFECT_YAML, LocalPrefect, wait_for
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _tiny_config(tmp: Path, model: Path) -> dict:
@@ -81,14 +88,16 @@ def _copy_slowly(data: bytes, dest: Path) -> None:
         fh.write(data[: len(data) // 2])
         fh.flush()
         time.sleep(1.0)
-        fh.write(data[len(data) // 2:])
+        fh.write(data[len(data) // 2 :])
 
 
 def _report_in_chromium(srv: LocalPrefect, run_id: str, tmp: Path) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
         pytest.skip("chromium is not installed (apt-get install -y chromium); the dashboard check needs it")
-    arts = srv.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}, "type": {"any_": ["markdown"]}}})
+    arts = srv.post(
+        "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}, "type": {"any_": ["markdown"]}}}
+    )
     (report,) = [a for a in arts if a["key"] == "demo-report"]
     url = f"http://127.0.0.1:{srv.port}/artifacts/artifact/{report['id']}"
     args = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp / 'chromium-profile'}", "--virtual-time-budget=20000"]
@@ -121,9 +130,25 @@ def stack(tmp_path_factory, tiny_bert):
         srv.make("worker", timeout=120)
         with open(tmp / "watcher.log", "w") as log:
             watcher = subprocess.Popen(
-                [sys.executable, "-m", "tasks.cli_watch", "watch", str(drop), "--config", str(tmp / "config.yaml"),
-                 "--interval", "0.5", "--stable-seconds", "2"],
-                cwd=REPO, env=srv.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "tasks.cli.watch",
+                    "watch",
+                    str(drop),
+                    "--config",
+                    str(tmp / "config.yaml"),
+                    "--interval",
+                    "0.5",
+                    "--stable-seconds",
+                    "2",
+                ],
+                cwd=REPO,
+                env=srv.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         yield {"srv": srv, "config": config, "drop": drop, "tmp": tmp, "results": {}}
     finally:
         if watcher is not None and watcher.poll() is None:
@@ -137,7 +162,7 @@ def stack(tmp_path_factory, tiny_bert):
 
 
 def test_new_data_triggers_one_completed_run_with_a_new_registry_version(stack):
-    from tasks.registry import list_versions
+    from tasks.release.registry import list_versions
 
     srv, config, drop, tmp = stack["srv"], stack["config"], stack["drop"], stack["tmp"]
     dep_id = srv.deployments()["retrain-on-new-data"]["id"]
@@ -170,8 +195,9 @@ def test_new_data_triggers_one_completed_run_with_a_new_registry_version(stack):
     # the same content again: re-saved under its name, and copied under another: no event, no run
     (drop / "batch-001.csv").write_bytes(payload)
     _copy_slowly(payload, drop / "batch-001 (copy).csv")
-    wait_for(lambda: (tmp / "watcher.log").read_text().count("already announced") >= 2, 30,
-             "the watcher to see both copies")
+    wait_for(
+        lambda: (tmp / "watcher.log").read_text().count("already announced") >= 2, 30, "the watcher to see both copies"
+    )
     time.sleep(5)  # leave time for a (wrong) event to arrive and an automation to fire
     assert len(srv.events("dataset.updated", "finetune.dataset.demo")) == 1
     assert len(_flow_runs(srv, dep_id)) == 1

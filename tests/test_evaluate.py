@@ -10,16 +10,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import WORDS, shared_data, toy_rows, write_csv
+from conftest import WORDS, shared_data, tiny_plan, toy_rows, write_csv
 
 from tasks.config import RunConfig
-from tasks.data import load_split, prepare_dataset
-from tasks.evaluate import evaluate_run, evaluation_key, predict_scores
-from tasks.files import read_json, write_json
-from tasks.metrics import METRICS_DIR, MetricError
+from tasks.data.prepare import load_split, prepare_dataset
+from tasks.evaluation.evaluate import evaluate_run, evaluation_key, predict_scores
+from tasks.evaluation.metrics import METRICS_DIR, MetricError
+from tasks.files import read_json
 
-PROBLEM = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
-           "regression": "regression"}
+PROBLEM = {
+    "single_label": "single_label_classification",
+    "multi_label": "multi_label_classification",
+    "regression": "regression",
+}
 
 
 def make_run(workspace: Path, prepared, base: Path, name: str = "run-a", seed: int = 0) -> Path:
@@ -32,19 +35,22 @@ def make_run(workspace: Path, prepared, base: Path, name: str = "run-a", seed: i
     id2label = {i: l for i, l in enumerate(prepared.labels)} if prepared.task != "regression" else None
     torch.manual_seed(seed)
     kwargs = {"id2label": id2label, "label2id": {l: i for i, l in id2label.items()}} if id2label else {}
-    model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=n,
-                                                               problem_type=PROBLEM[prepared.task], **kwargs)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(base), num_labels=n, problem_type=PROBLEM[prepared.task], **kwargs
+    )
     tok = AutoTokenizer.from_pretrained(str(base))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     model.save_pretrained(run / "model")
     tok.save_pretrained(run / "model")
-    write_json(run / "run_info.json", {
-        "method": "full", "base_model": str(base), "base_model_fingerprint": "test", "trust_remote_code": False,
-        "task": prepared.task, "problem_type": PROBLEM[prepared.task], "labels": prepared.labels, "num_labels": n,
-        "dataset_fingerprint": prepared.fingerprint, "tokenized_path": None, "prepared_path": prepared.path,
-        "quantization": None, "head_modules": ["classifier"],
-    })
+    tiny_plan(
+        base,
+        prepared.task,
+        prepared.labels,
+        "full",
+        dataset_fingerprint=prepared.fingerprint,
+        prepared_path=prepared.path,
+    ).write(run)
     return run
 
 
@@ -57,15 +63,28 @@ def _prepare(tmp_path, workspace, rows, **data):
 def test_single_label_end_to_end_files_are_consistent_and_tfidf_loss_is_loud(tmp_path, workspace, tiny_bert):
     cfg, prepared = _prepare(tmp_path, workspace, toy_rows(150))
     run = make_run(workspace, prepared, tiny_bert)
-    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
-        {"type": "step", "step": 1, "epoch": 0.5, "loss": 1.1, "learning_rate": 1e-4},
-        {"type": "step", "step": 2, "epoch": 1.0, "loss": 1.0, "learning_rate": 9e-5},
-        {"type": "eval", "step": 2, "epoch": 1.0, "val_loss": 1.05, "f1_macro": 0.4}]) + "\n")
+    (run / "metrics.jsonl").write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"type": "step", "step": 1, "epoch": 0.5, "loss": 1.1, "learning_rate": 1e-4},
+                {"type": "step", "step": 2, "epoch": 1.0, "loss": 1.0, "learning_rate": 9e-5},
+                {"type": "eval", "step": 2, "epoch": 1.0, "val_loss": 1.05, "f1_macro": 0.4},
+            ]
+        )
+        + "\n"
+    )
     res = evaluate_run(cfg, str(run))
     out = Path(res.path)
     assert out.parent == workspace / "evaluations" and out.name == res.key
-    for f in ("metrics.json", "predictions.parquet", "confusion_matrix.png", "confusion_matrix.md", "report.md",
-              "loss_curve.png"):
+    for f in (
+        "metrics.json",
+        "predictions.parquet",
+        "confusion_matrix.png",
+        "confusion_matrix.md",
+        "report.md",
+        "loss_curve.png",
+    ):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # atomic: no temp folder left
 
@@ -89,7 +108,9 @@ def test_single_label_end_to_end_files_are_consistent_and_tfidf_loss_is_loud(tmp
     assert m["baselines"]["tfidf"]["metrics"]["f1_macro"] > 0.9
     tf_per_class = m["baselines"]["tfidf"]["per_class"]  # per-class F1 of a baseline, e.g. the spam-class F1
     assert set(tf_per_class) == set(prepared.labels)
-    assert np.mean([c["f1"] for c in tf_per_class.values()]) == pytest.approx(m["baselines"]["tfidf"]["metrics"]["f1_macro"])
+    assert np.mean([c["f1"] for c in tf_per_class.values()]) == pytest.approx(
+        m["baselines"]["tfidf"]["metrics"]["f1_macro"]
+    )
 
     # an untrained model loses to TF-IDF on a learnable set: flagged loudly
     assert res.beats_tfidf is False and m["comparison"]["beats_tfidf"] is False
@@ -160,7 +181,7 @@ def test_multi_label_end_to_end_uses_validation_thresholds(tmp_path, workspace, 
 def test_multi_label_evaluation_key_follows_the_threshold_grid(tmp_path, workspace, tiny_bert, monkeypatch):
     """A multi-label evaluation depends on the grid its thresholds are tuned over: a new grid is a new
     evaluation; a single-label evaluation does not use it and keeps its key."""
-    import tasks.evaluate as ev
+    import tasks.evaluation.evaluate as ev
 
     ml_cfg, ml = _prepare(tmp_path / "ml", workspace, _multi_rows(60), task="multi_label", label_delimiter="|")
     ml_run = make_run(workspace, ml, tiny_bert, name="run-ml")
@@ -174,8 +195,13 @@ def test_multi_label_evaluation_key_follows_the_threshold_grid(tmp_path, workspa
 
 def test_regression_end_to_end(tmp_path, workspace, tiny_bert):
     rng = random.Random(1)
-    rows = [{"text": " ".join(rng.choices(WORDS["pos"], k=k) + rng.choices(WORDS["neu"], k=3)) + f" {i}",
-             "label": f"{k + 0.5 * rng.random():.3f}"} for i, k in enumerate(rng.choices(range(1, 6), k=80))]
+    rows = [
+        {
+            "text": " ".join(rng.choices(WORDS["pos"], k=k) + rng.choices(WORDS["neu"], k=3)) + f" {i}",
+            "label": f"{k + 0.5 * rng.random():.3f}",
+        }
+        for i, k in enumerate(rng.choices(range(1, 6), k=80))
+    ]
     cfg, prepared = _prepare(tmp_path, workspace, rows, class_weighting="none")
     assert prepared.task == "regression"
     res = evaluate_run(cfg, str(make_run(workspace, prepared, tiny_bert)))
@@ -208,7 +234,9 @@ def test_bad_primary_metric_fails_before_loading_the_model(tmp_path, workspace, 
     with pytest.raises(MetricError, match="roc_auc"):
         evaluate_run(cfg, str(make_run(workspace, prepared, tiny_bert)))
     assert not (workspace / "evaluations").exists()
-    with pytest.raises(FileNotFoundError, match="run_info.json"):
+    from tasks.workspace import WorkspaceError
+
+    with pytest.raises(WorkspaceError, match="plan.json"):
         evaluate_run(cfg, str(workspace / "nowhere"))
 
 
@@ -217,7 +245,7 @@ def test_predict_scores_restores_order_and_matches_unbatched(base, request):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from tasks.tokenize import load_tokenizer
+    from tasks.model.base import load_tokenizer
 
     path = request.getfixturevalue(base)
     tok = load_tokenizer(str(path))
@@ -243,7 +271,7 @@ def test_predict_scores_with_text_pairs(tiny_bert):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from tasks.tokenize import load_tokenizer
+    from tasks.model.base import load_tokenizer
 
     tok = load_tokenizer(str(tiny_bert))
     torch.manual_seed(0)
@@ -251,19 +279,24 @@ def test_predict_scores_with_text_pairs(tiny_bert):
     a, b = ["good", "bad bad bad", "table"], ["sad", "nice", "river stone cloud green"]
     got = predict_scores(model, tok, a, b, batch_size=2)
     with torch.inference_mode():
-        want = [torch.softmax(model(**tok(x, y, return_tensors="pt")).logits, -1)[0].numpy() for x, y in zip(a, b)]
+        want = [
+            torch.softmax(model(**tok(x, y, return_tensors="pt")).logits, -1)[0].numpy()
+            for x, y in zip(a, b, strict=False)
+        ]
     assert np.allclose(got, np.stack(want), atol=1e-5)
     assert predict_scores(model, tok, [], task="single_label").shape == (0, 2)
 
 
 def test_loss_curve_png_and_inline_images(tmp_path):
-    from tasks.plots import inline_images, loss_curve_png, read_metrics_jsonl
+    from tasks.reporting.plots import inline_images, loss_curve_png, read_metrics_jsonl
 
     p = tmp_path / "metrics.jsonl"
     recs = [{"type": "step", "step": s, "epoch": s / 10, "loss": 1 / s, "learning_rate": 1e-4} for s in range(1, 11)]
-    recs += [{"type": "eval", "step": 5, "epoch": 0.5, "val_loss": 0.4, "accuracy": 0.7},
-             {"type": "eval", "step": 10, "epoch": 1.0, "val_loss": 0.3, "accuracy": 0.8}]
-    p.write_text("\n".join(json.dumps(r) for r in recs) + "\n{\"type\": \"st")  # a cut-short last line
+    recs += [
+        {"type": "eval", "step": 5, "epoch": 0.5, "val_loss": 0.4, "accuracy": 0.7},
+        {"type": "eval", "step": 10, "epoch": 1.0, "val_loss": 0.3, "accuracy": 0.8},
+    ]
+    p.write_text("\n".join(json.dumps(r) for r in recs) + '\n{"type": "st')  # a cut-short last line
     steps, evals = read_metrics_jsonl(p)
     assert len(steps) == 10 and len(evals) == 2
     out = loss_curve_png(p, tmp_path / "curve.png")
@@ -276,12 +309,14 @@ def test_loss_curve_png_and_inline_images(tmp_path):
 
 @pytest.mark.slow
 def test_real_minilm_on_sms_spam_slice(tmp_path, workspace):
-    from tasks.base_model import resolve_model
     from tasks.config import ModelConfig
+    from tasks.model.base import resolve_model
 
     path = shared_data("sms_spam")
-    cfg = RunConfig(workspace=str(workspace), data={
-        "source": {"train": str(path / "train.csv"), "test": str(path / "test.csv")}, "max_rows": 600})
+    cfg = RunConfig(
+        workspace=str(workspace),
+        data={"source": {"train": str(path / "train.csv"), "test": str(path / "test.csv")}, "max_rows": 600},
+    )
     prepared = prepare_dataset(cfg)
     run = make_run(workspace, prepared, Path(resolve_model(ModelConfig())))
     res = evaluate_run(cfg, str(run))
@@ -297,12 +332,13 @@ def test_cli_evaluate_command(tmp_path, workspace, tiny_bert):
     import yaml
     from typer.testing import CliRunner
 
-    from tasks.evaluate import register
+    from tasks.cli.evaluate import register
 
     src = write_csv(tmp_path / "data.csv", toy_rows(60))
     cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text(yaml.safe_dump({"workspace": str(workspace), "data": {"source": str(src)},
-                                        "evaluation": {"baselines": False}}))
+    cfg_file.write_text(
+        yaml.safe_dump({"workspace": str(workspace), "data": {"source": str(src)}, "evaluation": {"baselines": False}})
+    )
     cfg = RunConfig.model_validate(yaml.safe_load(cfg_file.read_text()))
     run = make_run(workspace, prepare_dataset(cfg), tiny_bert)
     app = typer.Typer()
@@ -319,14 +355,3 @@ def test_cli_evaluate_command(tmp_path, workspace, tiny_bert):
     assert "reused" in runner.invoke(app, ["evaluate", str(cfg_file), str(run)]).output
     bad = runner.invoke(app, ["evaluate", str(cfg_file), str(run), "--set", "evaluation.primary_metric=r2"])
     assert bad.exit_code == 2 and "r2" in bad.output
-
-
-def test_prefect_task_wrapper_runs_outside_a_flow(tmp_path, workspace, tiny_bert):
-    from tasks.evaluate import _prefect_task
-
-    cfg, prepared = _prepare(tmp_path, workspace, toy_rows(60), split={"validation": 0.2, "test": 0.2})
-    cfg.evaluation.baselines = False
-    task = _prefect_task()
-    assert task.name == "evaluate"
-    res = task.fn(cfg, str(make_run(workspace, prepared, tiny_bert)))
-    assert Path(res.path, "metrics.json").is_file()

@@ -15,14 +15,20 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, toy_rows, write_csv
 
-TEXTS = ["great good excellent", "bad awful terrible hate", "table chair window river", "love happy nice",
-         "worst boring ugly", "stone cloud paper seven"]
+TEXTS = [
+    "great good excellent",
+    "bad awful terrible hate",
+    "table chair window river",
+    "love happy nice",
+    "worst boring ugly",
+    "stone cloud paper seven",
+]
 
 
 # ---- builders (shared with test_registry.py / test_predict.py) -----------------------------------
+
 
 def make_config(workspace: Path, method: str = "lora", **export):
     from tasks.config import RunConfig
@@ -32,7 +38,7 @@ def make_config(workspace: Path, method: str = "lora", **export):
 
 
 def make_prepared(workspace: Path, n: int = 300, seed: int = 0) -> Path:
-    from tasks.data import prepare_dataset
+    from tasks.data.prepare import prepare_dataset
 
     csv = write_csv(workspace / "raw" / f"toy-{n}-{seed}.csv", toy_rows(n, seed=seed))
     cfg = make_config(workspace)
@@ -43,38 +49,61 @@ def make_prepared(workspace: Path, n: int = 300, seed: int = 0) -> Path:
 def make_run(workspace: Path, base: Path, prepared: Path, method: str = "lora", steps: int = 60, seed: int = 0) -> Path:
     """A finished run folder per the contract, trained for a few steps with peft (or fully)."""
     import torch
+    from conftest import tiny_plan
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForSequenceClassification, BitsAndBytesConfig
 
-    from tasks.base_model import model_fingerprint
-    from tasks.config import ModelConfig, resolve_training
-    from tasks.data import load_split
+    from tasks.config import ModelConfig
+    from tasks.data.prepare import load_split
     from tasks.files import read_json, write_json
-    from tasks.modeling import disable_cpu_bf16_packing
-    from tasks.tokenize import load_tokenizer
+    from tasks.model.base import load_tokenizer, model_fingerprint
+    from tasks.model.methods import disable_cpu_bf16_packing
 
     manifest = read_json(prepared / "manifest.json")
     labels = manifest["labels"]
     tok = load_tokenizer(str(base))  # sets a pad token for decoders
     decoder = AutoConfig.from_pretrained(base).model_type == "llama"
     targets, heads = (["q_proj", "v_proj"], ["score"]) if decoder else (["query", "value"], ["classifier", "pooler"])
-    kw = dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
-              problem_type="single_label_classification")
+    kw = dict(
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={l: i for i, l in enumerate(labels)},
+        problem_type="single_label_classification",
+    )
     quant = None
     if method == "qlora":
-        quant = {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32",
-                 "skip_modules": ["score"] if decoder else ["classifier", "bert.pooler"]}
+        quant = {
+            "load_in_4bit": True,
+            "quant_type": "nf4",
+            "double_quant": True,
+            "compute_dtype": "float32",
+            "skip_modules": ["score"] if decoder else ["classifier", "bert.pooler"],
+        }
         kw["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=quant["skip_modules"])
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+            llm_int8_skip_modules=quant["skip_modules"],
+        )
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(base, **kw)
     model.config.pad_token_id = tok.pad_token_id
     disable_cpu_bf16_packing(model)
     if method != "full":
-        model = get_peft_model(model, LoraConfig(
-            task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
-            init_lora_weights=False, use_dora=method == "dora", modules_to_save=heads))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                task_type="SEQ_CLS",
+                r=4,
+                lora_alpha=8,
+                lora_dropout=0.0,
+                target_modules=targets,
+                init_lora_weights=False,
+                use_dora=method == "dora",
+                modules_to_save=heads,
+            ),
+        )
     train = load_split(prepared, "train")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2 if method != "full" else 3e-3)
     model.train()
@@ -86,23 +115,35 @@ def make_run(workspace: Path, base: Path, prepared: Path, method: str = "lora", 
         opt.step()
         opt.zero_grad()
     model.eval()
-    cfg = make_config(workspace, method)
-    cfg.model.name_or_path = str(base)
     run = workspace / "runs" / f"{method}-{seed}-{steps}"
     model.save_pretrained(run / "model")
     tok.save_pretrained(run / "model")
-    write_json(run / "resolved_config.json", {**cfg.model_dump(mode="json"), "resolved_training": resolve_training(cfg)})
-    write_json(run / "run_info.json", {
-        "method": method, "base_model": str(base),
-        "base_model_fingerprint": model_fingerprint(ModelConfig(name_or_path=str(base))),
-        "trust_remote_code": False, "task": "single_label", "problem_type": "single_label_classification",
-        "labels": labels, "num_labels": len(labels), "dataset_fingerprint": manifest["fingerprint"],
-        "tokenized_path": None, "prepared_path": str(prepared), "quantization": quant,
-        "head_modules": [] if method == "full" else heads,
-    })
-    write_json(run / "training_summary.json", {"best_epoch": 1, "best_step": steps, "best_metric_name": "loss",
-                                               "best_metric": float(loss.detach()), "epochs_run": 1, "global_step": steps,
-                                               "seconds": 1.0, "learning_rate": 1e-2, "effective_batch_size": 16})
+    tiny_plan(
+        base,
+        "single_label",
+        labels,
+        method,
+        method_settings={"lora_r": 4, "lora_alpha": 8},
+        base_model_fingerprint=model_fingerprint(ModelConfig(name_or_path=str(base))),
+        dataset_fingerprint=manifest["fingerprint"],
+        prepared_path=str(prepared),
+        quantization=quant,
+        learning_rate=1e-2,
+    ).write(run)
+    write_json(
+        run / "training_summary.json",
+        {
+            "best_epoch": 1,
+            "best_step": steps,
+            "best_metric_name": "loss",
+            "best_metric": float(loss.detach()),
+            "epochs_run": 1,
+            "global_step": steps,
+            "seconds": 1.0,
+            "learning_rate": 1e-2,
+            "effective_batch_size": 16,
+        },
+    )
     return run
 
 
@@ -110,13 +151,19 @@ def make_eval(workspace: Path, run: Path, value: float = 0.8, metric: str = "f1_
     from tasks.files import write_json
 
     ev = workspace / "evaluations" / f"{run.name}{tag}-{value}"
-    write_json(ev / "metrics.json", {
-        "task": "single_label", "split": "test", "primary_metric": metric,
-        "metrics": {metric: value, "accuracy": value + 0.01},
-        "per_class": {}, "confusion_matrix": {"labels": [], "matrix": []},
-        "baselines": {"majority": {metric: 0.2, "accuracy": 0.33}, "tfidf": {metric: 0.6, "accuracy": 0.62}},
-        "comparison": {"beats_tfidf": value > 0.6},
-    })
+    write_json(
+        ev / "metrics.json",
+        {
+            "task": "single_label",
+            "split": "test",
+            "primary_metric": metric,
+            "metrics": {metric: value, "accuracy": value + 0.01},
+            "per_class": {},
+            "confusion_matrix": {"labels": [], "matrix": []},
+            "baselines": {"majority": {metric: 0.2, "accuracy": 0.33}, "tfidf": {metric: 0.6, "accuracy": 0.62}},
+            "comparison": {"beats_tfidf": value > 0.6},
+        },
+    )
     return ev
 
 
@@ -126,9 +173,9 @@ def adapter_logits(base: Path, run: Path, texts, disable: bool = False):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    info = json.loads((run / "run_info.json").read_text())
+    plan = json.loads((run / "plan.json").read_text())
     tok = AutoTokenizer.from_pretrained(run / "model")
-    m = AutoModelForSequenceClassification.from_pretrained(base, num_labels=info["num_labels"])
+    m = AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(plan["labels"]))
     m.config.pad_token_id = tok.pad_token_id
     m = PeftModel.from_pretrained(m, run / "model").eval()
     enc = tok(list(texts), padding=True, truncation=True, max_length=32, return_tensors="pt")
@@ -146,7 +193,9 @@ def folder_logits(folder: Path, texts):
     tok = AutoTokenizer.from_pretrained(folder)
     m = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     with torch.no_grad():
-        return m(**tok(list(texts), padding=True, truncation=True, max_length=32, return_tensors="pt")).logits.numpy(), m
+        return m(
+            **tok(list(texts), padding=True, truncation=True, max_length=32, return_tensors="pt")
+        ).logits.numpy(), m
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +210,7 @@ def prepared(ws) -> Path:
 
 @pytest.fixture(scope="module")
 def lora_export(ws, prepared, tiny_bert):
-    from tasks.export import export_run
+    from tasks.release.export import export_run
 
     run = make_run(ws, tiny_bert, prepared, "lora")
     ev = make_eval(ws, run)
@@ -170,11 +219,12 @@ def lora_export(ws, prepared, tiny_bert):
 
 # ---- tests ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_merged_matches_adapter_differs_from_base_and_survives_reload(method, ws, prepared, tiny_bert):
     import numpy as np
 
-    from tasks.export import export_run
+    from tasks.release.export import export_run
 
     run = make_run(ws, tiny_bert, prepared, method, seed=1)
     result = export_run(make_config(ws, method), str(run), str(make_eval(ws, run)))
@@ -203,12 +253,22 @@ def test_export_folder_contents_card_lineage_and_adapter(lora_export, tiny_bert)
     run, ev, result = lora_export
     out = Path(result.path)
     assert out.parent.name == "exports" and out.name == result.key and not result.reused
-    for f in ("model.safetensors", "config.json", "tokenizer.json", "README.md", "lineage.json",
-              "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+    for f in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "README.md",
+        "lineage.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ):
         assert (out / f).is_file(), f
     assert not list(out.glob("*.bin")) and not list(out.parent.glob(".*tmp*"))
     config = json.loads((out / "config.json").read_text())
-    assert config["id2label"] == {"0": "neg", "1": "neu", "2": "pos"} and config["problem_type"] == "single_label_classification"
+    assert (
+        config["id2label"] == {"0": "neg", "1": "neu", "2": "pos"}
+        and config["problem_type"] == "single_label_classification"
+    )
 
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
@@ -231,11 +291,11 @@ def test_export_folder_contents_card_lineage_and_adapter(lora_export, tiny_bert)
 
 
 def prepared_fp(run: Path) -> str:
-    return json.loads((run / "run_info.json").read_text())["dataset_fingerprint"]
+    return json.loads((run / "plan.json").read_text())["dataset_fingerprint"]
 
 
 def test_export_is_reused_when_present(lora_export, ws):
-    from tasks.export import export_run
+    from tasks.release.export import export_run
 
     run, ev, first = lora_export
     stamp = (Path(first.path) / "lineage.json").stat().st_mtime_ns
@@ -253,11 +313,16 @@ def test_pipeline_in_fresh_process_gives_the_adapter_labels(lora_export, tiny_be
         "clf = pipeline('text-classification', model=sys.argv[1], device='cpu')\n"
         "print(json.dumps([r['label'] for r in clf(json.loads(sys.argv[2]))]))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, result.path, json.dumps(TEXTS)], capture_output=True,
-                          text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, result.path, json.dumps(TEXTS)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     labels = json.loads(proc.stdout.strip().splitlines()[-1])
-    names = json.loads((run / "run_info.json").read_text())["labels"]
+    names = json.loads((run / "plan.json").read_text())["labels"]
     expected = [names[i] for i in adapter_logits(tiny_bert, run, TEXTS).argmax(1)]
     assert labels == expected and len(set(labels)) > 1
 
@@ -265,7 +330,7 @@ def test_pipeline_in_fresh_process_gives_the_adapter_labels(lora_export, tiny_be
 def test_nan_adapter_is_refused_and_nothing_written(ws, prepared, tiny_bert, lora_export):
     from safetensors.torch import load_file, save_file
 
-    from tasks.export import MergeError, export_run
+    from tasks.release.export import MergeError, export_run
 
     run, ev, _ = lora_export
     bad = ws / "runs" / "lora-nan"
@@ -281,14 +346,14 @@ def test_nan_adapter_is_refused_and_nothing_written(ws, prepared, tiny_bert, lor
 
 
 def test_changed_base_model_is_refused(ws, lora_export):
-    from tasks.export import MergeError, export_run
     from tasks.files import read_json, write_json
+    from tasks.release.export import MergeError, export_run
 
     run, ev, _ = lora_export
     other = ws / "runs" / "lora-otherbase"
     shutil.copytree(run, other)
-    info = read_json(other / "run_info.json")
-    write_json(other / "run_info.json", {**info, "base_model_fingerprint": "0" * 20})
+    info = read_json(other / "plan.json")
+    write_json(other / "plan.json", {**info, "base_model_fingerprint": "0" * 20})
     with pytest.raises(MergeError, match="fingerprint"):
         export_run(make_config(ws, "lora"), str(other), str(ev))
 
@@ -297,8 +362,8 @@ def test_verification_detects_a_wrong_merge(ws, lora_export):
     """Merging without the LoRA scaling (a classic bug) is caught by the comparison the export uses."""
     import torch
 
-    from tasks.predict import compare_outputs, load_adapter_model
-    from tasks.predict import batched_logits
+    from tasks.evaluation.scoring import batched_logits, compare_outputs
+    from tasks.model.loading import load_adapter_model
 
     run, _, _ = lora_export
     model, tok = load_adapter_model(run)
@@ -309,7 +374,9 @@ def test_verification_detects_a_wrong_merge(ws, lora_export):
                 delta = module.lora_B["default"].weight @ module.lora_A["default"].weight  # scaling (2.0) forgotten
                 module.get_base_layer().weight += delta
     wrong = model.unload()
-    figures = compare_outputs(ref, batched_logits(wrong, tok, TEXTS * 5, max_length=32), "single_label_classification", 1e-3)
+    figures = compare_outputs(
+        ref, batched_logits(wrong, tok, TEXTS * 5, max_length=32), "single_label_classification", 1e-3
+    )
     assert figures["max_abs_logit_diff"] > 1e-2
 
 
@@ -317,7 +384,7 @@ def test_qlora_merges_into_dequantized_4bit_weights_on_cpu(ws, prepared, tiny_be
     import torch
     import yaml
 
-    from tasks.export import export_run
+    from tasks.release.export import export_run
 
     run = make_run(ws, tiny_bert, prepared, "qlora")
     result = export_run(make_config(ws, "qlora"), str(run), str(make_eval(ws, run)))
@@ -338,24 +405,25 @@ def test_qlora_merges_into_dequantized_4bit_weights_on_cpu(ws, prepared, tiny_be
 
 
 def test_verification_rows_are_a_seeded_sample_of_the_test_split(ws, lora_export):
-    from tasks.data import load_split
-    from tasks.export import _verification_texts, export_run, read_run
+    from tasks.data.prepare import load_split
+    from tasks.plan import RunPlan
+    from tasks.release.export import export_run, verification_texts
 
     run, ev, _ = lora_export
-    info = read_run(run)
-    test = load_split(info["prepared_path"], "test")["text"].astype(str).tolist()
+    plan = RunPlan.read(run)
+    test = load_split(plan.prepared_path, "test")["text"].astype(str).tolist()
     cfg = make_config(ws, "lora", verify_max_rows=7)
-    texts, _ = _verification_texts(info, cfg)
+    texts, _ = verification_texts(plan, cfg)
     assert len(texts) == 7 and set(texts) <= set(test) and texts != test[:7]  # a sample, not the head
-    assert texts == [t for t in test if t in set(texts)]                       # in file order
-    assert _verification_texts(info, cfg)[0] == texts                          # the same sample every time
-    assert _verification_texts(info, make_config(ws, "lora", verify_max_rows=None))[0] == test
+    assert texts == [t for t in test if t in set(texts)]  # in file order
+    assert verification_texts(plan, cfg)[0] == texts  # the same sample every time
+    assert verification_texts(plan, make_config(ws, "lora", verify_max_rows=None))[0] == test
     assert export_run(cfg, str(run), str(ev)).merge_verification["rows"] == 7
 
 
 def test_tolerance_is_enforced(ws, lora_export):
     """fp32 reassociation error is small but not zero: a tolerance below it refuses the export."""
-    from tasks.export import MergeError, export_run
+    from tasks.release.export import MergeError, export_run
 
     run, _, result = lora_export
     assert result.merge_verification["merged_vs_adapter"]["max_abs_logit_diff"] > 1e-12
@@ -366,7 +434,7 @@ def test_tolerance_is_enforced(ws, lora_export):
 def test_full_method_exports_without_merge(ws, prepared, tiny_bert):
     import numpy as np
 
-    from tasks.export import export_run
+    from tasks.release.export import export_run
 
     run = make_run(ws, tiny_bert, prepared, "full", steps=20)
     result = export_run(make_config(ws, "full"), str(run), str(make_eval(ws, run)))
@@ -379,14 +447,14 @@ def test_decoder_lora_export_loads_in_pipeline(ws, prepared, tiny_llama):
     import numpy as np
     from transformers import pipeline
 
-    from tasks.export import export_run
+    from tasks.release.export import export_run
 
     run = make_run(ws, tiny_llama, prepared, "lora", seed=2)
     result = export_run(make_config(ws, "lora"), str(run), str(make_eval(ws, run)))
     assert result.merge_verification["merged_vs_adapter"]["max_abs_logit_diff"] < 1e-4
     ref = adapter_logits(tiny_llama, run, TEXTS)
     assert np.allclose(folder_logits(Path(result.path), TEXTS)[0], ref, atol=1e-4)
-    names = json.loads((run / "run_info.json").read_text())["labels"]
+    names = json.loads((run / "plan.json").read_text())["labels"]
     labels = [r["label"] for r in pipeline("text-classification", model=result.path, device="cpu")(TEXTS)]
     assert labels == [names[i] for i in ref.argmax(1)] and len(set(labels)) > 1
     assert json.loads((Path(result.path) / "config.json").read_text())["pad_token_id"] is not None
@@ -397,7 +465,7 @@ def test_onnx_export_matches_torch(ws, prepared, tiny_bert, lora_export):
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
-    from tasks.export import export_run
+    from tasks.release.export import export_run
 
     run, ev, _ = lora_export
     result = export_run(make_config(ws, "lora", onnx=True), str(run), str(ev))
@@ -417,10 +485,11 @@ def test_real_minilm_qlora_merge_on_sms_spam(tmp_path):
     max |diff| 4.8e-07 with the merge into the dequantized 4-bit weights; merged into the original float32
     weights, an earlier version measured 3.8e-03 on 300 rows after 20 steps)."""
     from conftest import shared_data
-    from tasks.base_model import resolve_model
+
     from tasks.config import ModelConfig
-    from tasks.data import prepare_dataset
-    from tasks.export import export_run
+    from tasks.data.prepare import prepare_dataset
+    from tasks.model.base import resolve_model
+    from tasks.release.export import export_run
 
     src = shared_data("sms_spam")
     cfg = make_config(tmp_path, "qlora", verify_max_rows=96, qlora_min_agreement=0.9)

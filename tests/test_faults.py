@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, toy_rows, write_csv
 
 RERUN_TIMEOUT_S = 45  # a rerun whose stages up to export are cached takes ~11 s here
@@ -26,16 +25,38 @@ RERUN_TIMEOUT_S = 45  # a rerun whose stages up to export are cached takes ~11 s
 
 # ---- helpers ---------------------------------------------------------------------------------------------
 
+
 def cli_run(ws: Path, data: Path, model: Path, home: Path, out: Path, prelude: str = "") -> subprocess.Popen:
     """`finetune run` in its own process group (own PREFECT_HOME, ephemeral server); `prelude` runs first."""
     env = dict(os.environ, PREFECT_HOME=str(home), HF_HUB_OFFLINE="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
     env.pop("PREFECT_API_URL", None)
-    args = ["run", str(REPO / "configs" / "demo.yaml"), "--set", f"workspace={ws}", "--set", f"data.source={data}",
-            "--set", f"model.name_or_path={model}", "--set", "training.epochs=1", "--set", "training.effective_batch_size=8",
-            "--set", "data.max_length=32", "--set", "registry.name=toy"]
+    args = [
+        "run",
+        str(REPO / "configs" / "demo.yaml"),
+        "--set",
+        f"workspace={ws}",
+        "--set",
+        f"data.source={data}",
+        "--set",
+        f"model.name_or_path={model}",
+        "--set",
+        "training.epochs=1",
+        "--set",
+        "training.effective_batch_size=8",
+        "--set",
+        "data.max_length=32",
+        "--set",
+        "registry.name=toy",
+    ]
     code = f"import sys\n{prelude}\nsys.argv = ['finetune'] + {args!r}\nfrom tasks.cli import main\nmain()\n"
-    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=open(out, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=env,
+        stdout=open(out, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> int | None:
@@ -70,13 +91,13 @@ def user_error(log: str) -> str:
     """The CLI's own `error:` line(s), without Prefect's log lines."""
     lines = [ln for ln in log.splitlines() if " | " not in ln[:16]]
     starts = [i for i, ln in enumerate(lines) if ln.startswith("error:")]
-    return "\n".join(lines[starts[-1]:]) if starts else ""
+    return "\n".join(lines[starts[-1] :]) if starts else ""
 
 
 DISK_FULL_AT_EXPORT = """
 import errno, os
 from pathlib import Path
-import tasks.export as ex
+import tasks.release.export as ex
 _real = ex.write_json
 def _full(path, obj, *a, **k):  # the disk fills up while the export folder is being written
     if Path(path).name == "lineage.json":
@@ -88,6 +109,7 @@ ex.write_json = _full
 
 # ---- export: a full disk, then SIGKILL mid-export, then a rerun (one workspace, in that order) -----------
 
+
 @pytest.fixture(scope="module")
 def export_faults(tmp_path_factory, tiny_bert) -> dict:
     """Run 1 hits a full disk while writing the export; run 2 (training cached) is SIGKILLed, whole process
@@ -98,9 +120,13 @@ def export_faults(tmp_path_factory, tiny_bert) -> dict:
     facts: dict = {"ws": ws}
 
     p = cli_run(ws, data, tiny_bert, home, base / "run1.log", prelude=DISK_FULL_AT_EXPORT)
-    facts["disk_full"] = {"code": finish(p, 300), "log": (base / "run1.log").read_text(),
-                          "versions": versions(ws), "exports": sorted(q.name for q in (ws / "exports").glob("*"))
-                          if (ws / "exports").exists() else [], "aliases": (ws / "registry" / "toy" / "aliases.json").exists()}
+    facts["disk_full"] = {
+        "code": finish(p, 300),
+        "log": (base / "run1.log").read_text(),
+        "versions": versions(ws),
+        "exports": sorted(q.name for q in (ws / "exports").glob("*")) if (ws / "exports").exists() else [],
+        "aliases": (ws / "registry" / "toy" / "aliases.json").exists(),
+    }
 
     before = set((ws / "exports").glob(".*.tmp-*"))
     p = cli_run(ws, data, tiny_bert, home, base / "run2.log")
@@ -114,16 +140,26 @@ def export_faults(tmp_path_factory, tiny_bert) -> dict:
         time.sleep(0.01)
     if seen is None:
         kill_group(p)
-    facts["kill"] = {"seen": seen, "code": p.returncode, "log": (base / "run2.log").read_text(),
-                     "versions": versions(ws), "finished_exports": finished_exports(ws),
-                     "aliases": (ws / "registry" / "toy" / "aliases.json").exists(),
-                     "registry_entries": sorted(str(q.relative_to(ws)) for q in ws.glob("registry/**/*"))}
+    facts["kill"] = {
+        "seen": seen,
+        "code": p.returncode,
+        "log": (base / "run2.log").read_text(),
+        "versions": versions(ws),
+        "finished_exports": finished_exports(ws),
+        "aliases": (ws / "registry" / "toy" / "aliases.json").exists(),
+        "registry_entries": sorted(str(q.relative_to(ws)) for q in ws.glob("registry/**/*")),
+    }
 
     t0 = time.monotonic()
     p = cli_run(ws, data, tiny_bert, home, base / "run3.log")
-    facts["rerun"] = {"code": finish(p, RERUN_TIMEOUT_S), "seconds": time.monotonic() - t0,
-                      "log": (base / "run3.log").read_text(), "versions": versions(ws),
-                      "finished_exports": finished_exports(ws), "locks": sorted(ws.glob("prefect/locks/*.lock"))}
+    facts["rerun"] = {
+        "code": finish(p, RERUN_TIMEOUT_S),
+        "seconds": time.monotonic() - t0,
+        "log": (base / "run3.log").read_text(),
+        "versions": versions(ws),
+        "finished_exports": finished_exports(ws),
+        "locks": sorted(ws.glob("prefect/locks/*.lock")),
+    }
     return facts
 
 
@@ -151,8 +187,11 @@ def test_sigkill_mid_export_leaves_no_partial_version(export_faults):
 @pytest.mark.flow
 def test_rerun_after_sigkill_mid_export_completes_with_one_version(export_faults):
     r = export_faults["rerun"]
-    assert r["code"] == 0, (f"rerun still running after {RERUN_TIMEOUT_S} s (stale locks: {r['locks']})"
-                            if r["code"] is None else r["log"][-3000:])
+    assert r["code"] == 0, (
+        f"rerun still running after {RERUN_TIMEOUT_S} s (stale locks: {r['locks']})"
+        if r["code"] is None
+        else r["log"][-3000:]
+    )
     assert r["versions"] == ["1"]
     ws = export_faults["ws"]
     assert json.loads((ws / "registry" / "toy" / "aliases.json").read_text())["production"] == 1
@@ -161,17 +200,29 @@ def test_rerun_after_sigkill_mid_export_completes_with_one_version(export_faults
 
 # ---- training: an unwritable checkpoint folder, a truncated checkpoint --------------------------------------
 
-def _train_cfg(ws: Path, data: Path, model: Path, *sets: str):
-    from tasks.config import load_config
 
-    return load_config(None, [f"workspace={ws}", f"data.source={data}", f"model.name_or_path={model}",
-                              "data.max_length=32", "training.effective_batch_size=8", "training.epochs=1",
-                              "training.early_stopping.patience=10", "training.learning_rate=null", *sets])
+def _train_cfg(ws: Path, data: Path, model: Path, *sets: str):
+    from tasks.config_loading import load_config
+
+    return load_config(
+        None,
+        [
+            f"workspace={ws}",
+            f"data.source={data}",
+            f"model.name_or_path={model}",
+            "data.max_length=32",
+            "training.effective_batch_size=8",
+            "training.epochs=1",
+            "training.early_stopping.patience=10",
+            "training.learning_rate=default",
+            *sets,
+        ],
+    )
 
 
 def _prepared(cfg, model: Path) -> tuple[str, str]:
-    from tasks.data import prepare_dataset
-    from tasks.tokenize import tokenize_dataset
+    from tasks.data.prepare import prepare_dataset
+    from tasks.data.tokenize import tokenize_dataset
 
     prep = prepare_dataset(cfg)
     return prep.path, tokenize_dataset(prep.path, str(model), cfg).path
@@ -190,7 +241,9 @@ def _last_log(run: Path) -> str:
 def test_unwritable_checkpoint_folder_is_a_clear_training_error(tmp_path, tiny_bert):
     """A FILE where the checkpoint folder must go (chmod does not stop root): the child fails at its first
     checkpoint; the error names the path; nothing that looks finished is left."""
-    from tasks.train import TrainingError, prepare_run, train_model
+    from conftest import prepare_run, train_model
+
+    from tasks.training.launch import TrainingError
 
     data = write_csv(tmp_path / "train.csv", toy_rows(90))
     cfg = _train_cfg(tmp_path / "ws", data, tiny_bert, "training.save_every_steps=2")
@@ -205,9 +258,11 @@ def test_unwritable_checkpoint_folder_is_a_clear_training_error(tmp_path, tiny_b
     assert not (run / "model").exists() and not (run / "training_summary.json").exists()
 
 
+@pytest.mark.child
 def test_truncated_checkpoint_is_detected_and_the_previous_one_is_used(tmp_path, tiny_bert):
-    from tasks.train import train_model
-    from tasks.train_checkpoints import checkpoint_steps
+    from conftest import train_model
+
+    from tasks.training.checkpoints import checkpoint_steps
 
     data = write_csv(tmp_path / "train.csv", toy_rows(90))
     cfg = _train_cfg(tmp_path / "ws", data, tiny_bert, "training.save_every_steps=3")
@@ -241,10 +296,11 @@ def test_truncated_checkpoint_is_detected_and_the_previous_one_is_used(tmp_path,
     assert third.resumed_from_step == 0 and third.global_step == first.global_step
 
 
+@pytest.mark.child
 def test_truncated_best_checkpoint_is_detected_when_it_is_restored(tmp_path, tiny_bert):
     """The best checkpoint is older than the latest (min_delta makes epoch 1 the best of 2), and it is the one cut
     short: resuming from the intact latest works, but restoring the best at the end must notice and recover."""
-    from tasks.train import train_model
+    from conftest import train_model
 
     data = write_csv(tmp_path / "train.csv", toy_rows(90))
     cfg = _train_cfg(tmp_path / "ws", data, tiny_bert, "training.epochs=2", "training.early_stopping.min_delta=100")
@@ -265,6 +321,7 @@ def test_truncated_best_checkpoint_is_detected_when_it_is_restored(tmp_path, tin
 
 # ---- registry: two processes promoting at the same moment ---------------------------------------------------
 
+
 def fake_export(ws: Path, value: float, tag: str) -> tuple[Path, Path]:
     """An export + evaluation folder with the files the registry checks (it never loads a model)."""
     from tasks.files import write_json
@@ -273,10 +330,20 @@ def fake_export(ws: Path, value: float, tag: str) -> tuple[Path, Path]:
     exp.mkdir(parents=True)
     (exp / "model.safetensors").write_bytes(b"weights " + tag.encode())
     write_json(exp / "config.json", {"model_type": "bert"})
-    write_json(exp / "lineage.json", {"export_key": tag, "method": "full", "task": "single_label",
-                                      "test_set_fingerprint": "T1", "dataset_fingerprint": "D1"})
-    write_json(ev / "metrics.json", {"task": "single_label", "split": "test", "primary_metric": "f1_macro",
-                                     "metrics": {"f1_macro": value}})
+    write_json(
+        exp / "lineage.json",
+        {
+            "export_key": tag,
+            "method": "full",
+            "task": "single_label",
+            "test_set_fingerprint": "T1",
+            "dataset_fingerprint": "D1",
+        },
+    )
+    write_json(
+        ev / "metrics.json",
+        {"task": "single_label", "split": "test", "primary_metric": "f1_macro", "metrics": {"f1_macro": value}},
+    )
     return exp, ev
 
 
@@ -284,7 +351,7 @@ PROMOTER = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
 from tasks.config import RunConfig
-from tasks.registry import register_version
+from tasks.release.registry import register_version
 while time.time() < float(sys.argv[5]):
     time.sleep(0.001)
 r = register_version(RunConfig(workspace=sys.argv[2], registry={"name": "clf"}), sys.argv[3], sys.argv[4])
@@ -294,12 +361,19 @@ print(r.version, r.promoted, r.comparison["decision"])
 
 @pytest.mark.parametrize("values", [(0.70, 0.80), (0.80, 0.70), (0.60, 0.90, 0.75, 0.85)], ids=["up", "down", "four"])
 def test_concurrent_promotions_leave_production_consistent_with_the_gate(workspace, values):
-    from tasks.registry import history, list_versions
+    from tasks.release.registry import history, list_versions
 
     exports = [fake_export(workspace, v, f"e{i}") for i, v in enumerate(values)]
     start = time.time() + 1.5
-    procs = [subprocess.Popen([sys.executable, "-c", PROMOTER, str(REPO), str(workspace), str(e), str(v), str(start)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for e, v in exports]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PROMOTER, str(REPO), str(workspace), str(e), str(v), str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for e, v in exports
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
 
@@ -333,6 +407,7 @@ def test_concurrent_promotions_leave_production_consistent_with_the_gate(workspa
 
 
 # ---- the cache's file locks: a lock file read while its writer is between creating and filling it ------------
+
 
 def test_a_lock_file_read_before_its_json_is_written_counts_as_held(tmp_path):
     """Prefect creates the lock file empty, then writes it; a reader in between used to fail with

@@ -11,7 +11,6 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import toy_rows, write_csv
 from test_export import make_eval
 from test_train import learnable_bert, make_cfg, prepare, step_losses  # noqa: F401 (learnable_bert: a fixture)
@@ -31,22 +30,27 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="needs a C
 
 def test_qlora_trains_in_4bit_on_cuda_with_bf16_compute_and_exports_a_faithful_merge(tmp_path, learnable_bert):
     import torch
+    from conftest import prepare_run
 
-    from tasks import train_worker
-    from tasks.export import export_run
     from tasks.files import read_json
-    from tasks.train import prepare_run
+    from tasks.release.export import export_run
+    from tasks.training import loop as train_worker
 
     src = write_csv(tmp_path / "toy.csv", toy_rows(240))
-    cfg = make_cfg(tmp_path / "ws", src, learnable_bert, "single_label", "qlora",
-                   ["training.learning_rate=0.01", "training.epochs=4"])
+    cfg = make_cfg(
+        tmp_path / "ws",
+        src,
+        learnable_bert,
+        "single_label",
+        "qlora",
+        ["training.learning_rate=0.01", "training.epochs=4"],
+    )
     run = prepare_run(cfg, *prepare(cfg, learnable_bert))
     summary, trained = train_worker.run(str(run), return_model=True)
-    info = read_json(run / "run_info.json")
-    resolved = read_json(run / "resolved_config.json")["resolved_training"]
+    plan = read_json(run / "plan.json")
 
-    assert resolved["device"].startswith("cuda")
-    assert info["quantization"]["compute_dtype"] == "bfloat16"  # auto on a bf16-capable GPU
+    assert plan["device"].startswith("cuda")
+    assert plan["quantization"]["compute_dtype"] == "bfloat16"  # auto on a bf16-capable GPU
     four_bit = [m for m in trained.modules() if type(m).__module__.startswith("bitsandbytes")]  # not peft's wrappers
     assert four_bit and all(m.weight.device.type == "cuda" for m in four_bit)
     losses = step_losses(run)
@@ -63,8 +67,18 @@ def test_qlora_trains_in_4bit_on_cuda_with_bf16_compute_and_exports_a_faithful_m
     assert q["identical_prediction_share"] >= cfg.export.qlora_min_agreement
     files = {p.name for p in Path(result.path).iterdir()}
     assert "model.safetensors" in files and not any(n.endswith((".bin", ".pt")) for n in files)
-    print("GPU_FIGURES " + json.dumps({
-        "device": torch.cuda.get_device_name(0), "peak_gpu_mb": summary["peak_gpu_mb"], "steps": summary["global_step"],
-        "loss_first5": round(first, 4), "loss_last5": round(last, 4), "samples_per_second": summary["samples_per_second"],
-        "merged_vs_adapter": v["merged_vs_adapter"]["max_abs_logit_diff"], "merged_vs_4bit": q,
-    }))
+    print(
+        "GPU_FIGURES "
+        + json.dumps(
+            {
+                "device": torch.cuda.get_device_name(0),
+                "peak_gpu_mb": summary["peak_gpu_mb"],
+                "steps": summary["global_step"],
+                "loss_first5": round(first, 4),
+                "loss_last5": round(last, 4),
+                "samples_per_second": summary["samples_per_second"],
+                "merged_vs_adapter": v["merged_vs_adapter"]["max_abs_logit_diff"],
+                "merged_vs_4bit": q,
+            }
+        )
+    )

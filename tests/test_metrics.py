@@ -7,9 +7,17 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 from sklearn import metrics as skm
 
-from tasks.metrics import (
-    MetricError, compute_metrics, higher_is_better, load_extra_metric, load_metric, metric_details, metric_names,
-    primary_metric, tune_thresholds, THRESHOLD_GRID,
+from tasks.evaluation.metrics import (
+    THRESHOLD_GRID,
+    MetricError,
+    compute_metrics,
+    higher_is_better,
+    load_extra_metric,
+    load_metric,
+    metric_details,
+    metric_names,
+    primary_metric,
+    tune_thresholds,
 )
 
 
@@ -141,7 +149,7 @@ def test_labels_with_few_positives_share_the_micro_f1_threshold():
     t = tune_thresholds(y, s, min_positives=10)
     assert t[0] == own[0] and t[1] == own[1]  # enough positives: their own thresholds
     pooled = [compute_metrics("multi_label", list("abc"), y, s, np.full(3, g))["f1_micro"] for g in THRESHOLD_GRID]
-    ties = [g for g, f in zip(THRESHOLD_GRID, pooled) if np.isclose(f, max(pooled))]
+    ties = [g for g, f in zip(THRESHOLD_GRID, pooled, strict=False) if np.isclose(f, max(pooled))]
     assert t[2] == min(ties, key=lambda g: abs(g - 0.5)) and 0.3 <= t[2] <= 0.6  # ties: closest to 0.5
 
 
@@ -179,7 +187,7 @@ def test_primary_metric_defaults_and_validation():
 
 
 def test_extra_metric_local_path_loads_and_hub_name_fails_clearly():
-    from tasks.metrics import METRICS_DIR
+    from tasks.evaluation.metrics import METRICS_DIR
 
     m = load_extra_metric(f"{METRICS_DIR / 'classification'}:single_label")
     assert m.compute(predictions=[1, 1], references=[1, 0])["accuracy"] == 0.5

@@ -6,22 +6,22 @@ from __future__ import annotations
 import json
 
 import pytest
-
+from conftest import tiny_plan
 from test_train import make_cfg, prepare, task_rows, write_rows
 
 LABELS = ["neg", "neu", "pos"]
 
 
 def _meta(config_obj):
-    from tasks.modeling import _meta_model
+    from tasks.model.build import meta_model
 
-    return _meta_model(config_obj)
+    return meta_model(config_obj)
 
 
 def test_heads_and_auto_targets_per_architecture(tiny_bert, tiny_llama):
     from transformers import GPT2Config
 
-    from tasks.modeling import find_target_modules, head_module_names, model_config
+    from tasks.model.build import find_target_modules, head_module_names, model_config
 
     bert = _meta(model_config(str(tiny_bert), "single_label", LABELS))
     assert head_module_names(bert) == ["classifier", "bert.pooler"]
@@ -34,13 +34,12 @@ def test_heads_and_auto_targets_per_architecture(tiny_bert, tiny_llama):
 
 
 def test_decoder_gets_pad_token_and_label_maps(tiny_llama):
-    from tasks.modeling import build_model
-    from tasks.tokenize import load_tokenizer
+    from tasks.model.base import load_tokenizer
+    from tasks.model.build import build_model
 
     tok = load_tokenizer(str(tiny_llama))
     assert tok.pad_token_id is not None
-    built = build_model(str(tiny_llama), task="multi_label", labels=LABELS, method="full", method_cfg={},
-                        pad_token_id=tok.pad_token_id)
+    built = build_model(tiny_plan(tiny_llama, "multi_label", LABELS, "full"), pad_token_id=tok.pad_token_id)
     cfg = built.model.config
     assert cfg.pad_token_id == tok.pad_token_id
     assert cfg.problem_type == "multi_label_classification" and cfg.num_labels == 3
@@ -53,15 +52,18 @@ def test_decoder_gets_pad_token_and_label_maps(tiny_llama):
 def test_qlora_on_cpu_keeps_head_out_of_4bit_and_trains_after_an_eval_forward(tiny_bert):
     import torch
 
-    from tasks.modeling import build_model
-    from tasks.tokenize import load_tokenizer
+    from tasks.model.base import load_tokenizer
+    from tasks.model.build import build_model
 
     tok = load_tokenizer(str(tiny_bert))
-    built = build_model(str(tiny_bert), task="single_label", labels=LABELS, method="qlora", method_cfg={"lora_r": 4},
-                        pad_token_id=tok.pad_token_id)
+    from tasks.model.build import head_module_names, meta_model, model_config
+
+    heads = head_module_names(meta_model(model_config(str(tiny_bert), "single_label", LABELS)))
+    assert heads == ["classifier", "bert.pooler"]  # the planner keeps these out of 4-bit
+    plan = tiny_plan(tiny_bert, "single_label", LABELS, "qlora", method_settings={"lora_r": 4}, skip_modules=heads)
+    built = build_model(plan, pad_token_id=tok.pad_token_id)
     model = built.model
-    assert built.quantization["skip_modules"] == ["classifier", "bert.pooler"]
-    assert built.quantization["compute_dtype"] == "float32"
+    assert plan.quantization["compute_dtype"] == "float32"
     kinds = {n: type(m).__name__ for n, m in model.named_modules()}
     assert kinds["base_model.model.bert.encoder.layer.0.attention.self.query.base_layer"] == "Linear4bit"
     assert kinds["base_model.model.bert.encoder.layer.0.intermediate.dense"] == "Linear4bit"
@@ -88,7 +90,7 @@ def test_qlora_on_cpu_keeps_head_out_of_4bit_and_trains_after_an_eval_forward(ti
 def test_memory_estimate_and_auto_choice(tiny_bert, tmp_path, monkeypatch):
     from transformers import LlamaConfig
 
-    import tasks.memory as memory
+    import tasks.model.memory as memory
 
     est = memory.estimate_memory(str(tiny_bert), {"lora_r": 8}, micro_batch_size=16, max_length=128)
     m = {k: v["bytes"] for k, v in est["methods"].items()}
@@ -98,8 +100,14 @@ def test_memory_estimate_and_auto_choice(tiny_bert, tmp_path, monkeypatch):
 
     # a 1.3B-parameter decoder (config only: the estimate never loads weights)
     big = tmp_path / "big"
-    LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=22, num_attention_heads=16,
-                num_key_value_heads=16).save_pretrained(big)
+    LlamaConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5504,
+        num_hidden_layers=22,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+    ).save_pretrained(big)
     monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 64 * 1024**3)
     est = memory.estimate_memory(str(big), {"lora_r": 8}, micro_batch_size=4, max_length=256, device="cpu")
     assert est["parameters"] > 1e9 and est["choice"] == "lora"
@@ -114,14 +122,16 @@ def test_memory_estimate_and_auto_choice(tiny_bert, tmp_path, monkeypatch):
 @pytest.mark.parametrize("model_name,method", [("tiny_bert", "full"), ("tiny_llama", "lora"), ("tiny_bert", "qlora")])
 def test_load_trained_model_reproduces_the_trained_model(request, tmp_path, model_name, method):
     import torch
+    from conftest import prepare_run
 
-    from tasks import train_worker
-    from tasks.modeling import load_trained_model
-    from tasks.train import prepare_run
+    from tasks.model.loading import load_trained_model
+    from tasks.training import loop as train_worker
 
     model_dir = request.getfixturevalue(model_name)
     src = write_rows(tmp_path / "single", task_rows("single_label", n=60))
-    cfg = make_cfg(tmp_path / "ws", src, model_dir, "single_label", method, ["training.epochs=1", "training.learning_rate=0.01"])
+    cfg = make_cfg(
+        tmp_path / "ws", src, model_dir, "single_label", method, ["training.epochs=1", "training.learning_rate=0.01"]
+    )
     run = prepare_run(cfg, *prepare(cfg, model_dir))
     _, trained = train_worker.run(str(run), return_model=True)
     loaded, tok = load_trained_model(str(run))
@@ -139,7 +149,7 @@ def test_losses_per_task_and_class_weights():
     import torch
 
     from tasks.config import ConfigError
-    from tasks.losses import make_loss, resolve_loss, validation_metrics
+    from tasks.training.losses import make_loss, resolve_loss, validation_metrics
 
     logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0], [1.0, 1.0, 1.0]])
     y = torch.tensor([0, 2, 1])
@@ -147,7 +157,9 @@ def test_losses_per_task_and_class_weights():
     assert float(plain) == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y, reduction="sum")))
     assert float(weighted) > float(plain)  # the up-weighted class 1 is the worst-predicted sample
     multi = torch.tensor([[1.0, 0.0, 1.0]] * 3)
-    assert float(make_loss("multi_label", [2.0, 2.0, 2.0])(logits, multi)) != pytest.approx(float(make_loss("multi_label")(logits, multi)))
+    assert float(make_loss("multi_label", [2.0, 2.0, 2.0])(logits, multi)) != pytest.approx(
+        float(make_loss("multi_label")(logits, multi))
+    )
     assert float(make_loss("regression")(torch.tensor([[1.0], [3.0]]), torch.tensor([0.0, 1.0]))) == pytest.approx(5.0)
     assert resolve_loss("multi_label") == "bce"
     with pytest.raises(ConfigError, match="training.loss"):
@@ -162,8 +174,8 @@ def test_multi_label_validation_score_uses_the_thresholds_evaluation_uses():
     (tuned thresholds), not the F1 at 0.5, which here cannot tell a perfect ranking from noise."""
     import numpy as np
 
-    from tasks.losses import validation_metrics
-    from tasks.metrics import compute_metrics, tune_thresholds
+    from tasks.evaluation.metrics import compute_metrics, tune_thresholds
+    from tasks.training.losses import validation_metrics
 
     rng = np.random.default_rng(0)
     n = 300
@@ -183,18 +195,21 @@ def test_multi_label_validation_score_uses_the_thresholds_evaluation_uses():
     assert compute_metrics("multi_label", ["a", "b"], y, p, t)["f1_macro"] == pytest.approx(m["f1_macro"])
 
 
+@pytest.mark.child
 def test_estimate_and_train_commands(tmp_path, tiny_bert):
     import typer
     from typer.testing import CliRunner
 
-    from tasks.cli_train import register
+    from tasks.cli.train import register
 
     app = typer.Typer()
     register(app)
     src = write_rows(tmp_path / "single", task_rows("single_label", n=60))
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"workspace: {tmp_path / 'ws'}\ndata: {{source: {src}, max_length: 32}}\n"
-                   f"model: {{name_or_path: {tiny_bert}}}\ntraining: {{epochs: 1, effective_batch_size: 8}}\n")
+    cfg.write_text(
+        f"workspace: {tmp_path / 'ws'}\ndata: {{source: {src}, max_length: 32}}\n"
+        f"model: {{name_or_path: {tiny_bert}}}\ntraining: {{epochs: 1, effective_batch_size: 8}}\n"
+    )
     runner = CliRunner()
     res = runner.invoke(app, ["estimate", str(cfg), "--json"])
     assert res.exit_code == 0, res.output

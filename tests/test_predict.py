@@ -7,15 +7,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import write_csv
 from test_export import TEXTS, make_config, make_eval, make_prepared, make_run
 
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory, tiny_bert):
-    from tasks.export import export_run
-    from tasks.registry import register_version
+    from tasks.release.export import export_run
+    from tasks.release.registry import register_version
 
     ws = tmp_path_factory.mktemp("predict-ws")
     prepared = make_prepared(ws)
@@ -39,7 +38,7 @@ def _csv(tmp_path: Path) -> Path:
 def test_predict_csv_with_production_model(registered, tmp_path):
     from transformers import pipeline
 
-    from tasks.predict import predict_file
+    from tasks.release.predict import predict_file
 
     ws, good, _ = registered
     result = predict_file(ws, "sentiment", _csv(tmp_path), tmp_path / "out" / "pred.csv", batch_size=4, progress=False)
@@ -53,7 +52,7 @@ def test_predict_csv_with_production_model(registered, tmp_path):
 
 
 def test_predict_named_version_and_text_column(registered, tmp_path):
-    from tasks.predict import predict_file
+    from tasks.release.predict import predict_file
 
     ws, _, _ = registered
     src = write_csv(tmp_path / "msgs.csv", [{"message": t} for t in TEXTS])
@@ -62,8 +61,8 @@ def test_predict_named_version_and_text_column(registered, tmp_path):
 
 
 def test_predict_errors_are_clear(registered, tmp_path):
-    from tasks.predict import PredictError, predict_file
-    from tasks.registry import RegistryError
+    from tasks.release.predict import PredictError, predict_file
+    from tasks.release.registry import RegistryError
 
     ws, _, _ = registered
     src = _csv(tmp_path)
@@ -82,18 +81,42 @@ def test_cli_predict(registered, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from tasks.cli_registry import register
+    from tasks.cli.registry import register
 
     ws, _, _ = registered
     app = typer.Typer()
     register(app)
     out = tmp_path / "p.csv"
-    res = CliRunner().invoke(app, ["predict", "--model", "sentiment", "--input", str(_csv(tmp_path)),
-                                   "--output", str(out), "--workspace", str(ws)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            "--model",
+            "sentiment",
+            "--input",
+            str(_csv(tmp_path)),
+            "--output",
+            str(out),
+            "--workspace",
+            str(ws),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "6 rows scored with sentiment version 1" in res.output and len(pd.read_csv(out)) == len(TEXTS)
-    bad = CliRunner().invoke(app, ["predict", "--model", "sentiment@9", "--input", str(_csv(tmp_path)),
-                                   "--output", str(out), "--workspace", str(ws)])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            "--model",
+            "sentiment@9",
+            "--input",
+            str(_csv(tmp_path)),
+            "--output",
+            str(out),
+            "--workspace",
+            str(ws),
+        ],
+    )
     assert bad.exit_code == 2 and "no version 9" in bad.output
 
 
@@ -102,12 +125,17 @@ def test_multi_label_output_has_per_label_scores(tiny_bert, tmp_path):
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from tasks.predict import predict_frame
+    from tasks.release.predict import predict_frame
 
     torch.manual_seed(0)
     labels = ["anger", "joy", "fear"]
-    cfg = BertConfig.from_pretrained(tiny_bert, num_labels=3, problem_type="multi_label_classification",
-                                     id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    cfg = BertConfig.from_pretrained(
+        tiny_bert,
+        num_labels=3,
+        problem_type="multi_label_classification",
+        id2label=dict(enumerate(labels)),
+        label2id={l: i for i, l in enumerate(labels)},
+    )
     BertForSequenceClassification(cfg).save_pretrained(tmp_path / "ml")
     AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(tmp_path / "ml")
     lineage = {"data": {"text_column": "text", "label_delimiter": ","}, "max_length": 32}
@@ -119,6 +147,6 @@ def test_multi_label_output_has_per_label_scores(tiny_bert, tmp_path):
     assert list(out.columns) == ["text", "prediction", "score", "score_anger", "score_joy", "score_fear"]
     scores = out[[f"score_{l}" for l in labels]].to_numpy()
     assert np.allclose(out["score"], scores.max(axis=1)) and ((scores > 0) & (scores < 1)).all()
-    for row, pred in zip(scores, out["prediction"]):
-        assert pred == ",".join(l for l, s in zip(labels, row) if s >= thresholds[l])
+    for row, pred in zip(scores, out["prediction"], strict=False):
+        assert pred == ",".join(l for l, s in zip(labels, row, strict=False) if s >= thresholds[l])
     assert out["prediction"].nunique() > 1

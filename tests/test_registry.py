@@ -11,11 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 
-def fake_export(ws: Path, value: float, test_fp: str = "T1", metric: str = "f1_macro", tag: str = "") -> tuple[Path, Path]:
+def fake_export(
+    ws: Path, value: float, test_fp: str = "T1", metric: str = "f1_macro", tag: str = ""
+) -> tuple[Path, Path]:
     from tasks.files import write_json
 
     name = f"{tag or 'e'}-{value}-{test_fp}-{metric}"
@@ -23,11 +24,27 @@ def fake_export(ws: Path, value: float, test_fp: str = "T1", metric: str = "f1_m
     exp.mkdir(parents=True)
     (exp / "model.safetensors").write_bytes(b"weights " + name.encode())
     write_json(exp / "config.json", {"model_type": "bert"})
-    write_json(exp / "lineage.json", {"export_key": name, "method": "lora", "task": "single_label",
-                                      "test_set_fingerprint": test_fp, "dataset_fingerprint": "D1",
-                                      "timings": {"total_s": 1.0}})
-    write_json(ev / "metrics.json", {"task": "single_label", "split": "test", "primary_metric": metric,
-                                     "metrics": {metric: value}, "baselines": {"tfidf": {metric: 0.5}}})
+    write_json(
+        exp / "lineage.json",
+        {
+            "export_key": name,
+            "method": "lora",
+            "task": "single_label",
+            "test_set_fingerprint": test_fp,
+            "dataset_fingerprint": "D1",
+            "timings": {"total_s": 1.0},
+        },
+    )
+    write_json(
+        ev / "metrics.json",
+        {
+            "task": "single_label",
+            "split": "test",
+            "primary_metric": metric,
+            "metrics": {metric: value},
+            "baselines": {"tfidf": {metric: 0.5}},
+        },
+    )
     return exp, ev
 
 
@@ -42,7 +59,7 @@ def aliases(ws: Path) -> dict:
 
 
 def test_gate_first_promoted_worse_rejected_better_promoted(workspace):
-    from tasks.registry import history, list_versions, register_version
+    from tasks.release.registry import history, list_versions, register_version
 
     cfg = cfg_for(workspace, min_delta=0.01)
     first = register_version(cfg, *map(str, fake_export(workspace, 0.80)))
@@ -68,29 +85,43 @@ def test_gate_first_promoted_worse_rejected_better_promoted(workspace):
     gate = json.loads((Path(worse.path) / "gate.json").read_text())
     assert gate["decision"] == "keep" and gate["champion_value"] == 0.80 and gate["promoted"] is False
     events = [(e["event"], e["version"]) for e in history(workspace, "clf")]
-    assert events == [("register", 1), ("promote", 1), ("register", 2), ("register", 3), ("register", 4), ("promote", 4)]
+    assert events == [
+        ("register", 1),
+        ("promote", 1),
+        ("register", 2),
+        ("register", 3),
+        ("register", 4),
+        ("promote", 4),
+    ]
     rows = list_versions(workspace, "clf")
     assert [r["version"] for r in rows if r["production"]] == [4]
     for n in (1, 2, 3, 4):  # each version holds the export (hardlinked), its metrics and lineage
         vdir = workspace / "registry" / "clf" / "versions" / str(n)
-        assert {p.name for p in vdir.iterdir()} >= {"model", "metrics.json", "lineage.json", "gate.json", "version.json"}
+        assert {p.name for p in vdir.iterdir()} >= {
+            "model",
+            "metrics.json",
+            "lineage.json",
+            "gate.json",
+            "version.json",
+        }
         assert json.loads((vdir / "lineage.json").read_text())["registry"]["version"] == n
 
 
 def test_different_test_set_is_not_comparable(workspace):
-    from tasks.registry import register_version
+    from tasks.release.registry import register_version
 
     register_version(cfg_for(workspace), *map(str, fake_export(workspace, 0.70, "T1")))
     other = register_version(cfg_for(workspace), *map(str, fake_export(workspace, 0.99, "T2")))
     assert not other.promoted and other.comparison["comparable"] is False
     assert "not comparable" in other.comparison["reason"] and aliases(workspace)["production"] == 1
-    forced = register_version(cfg_for(workspace, promote_if_not_comparable=True),
-                              *map(str, fake_export(workspace, 0.50, "T3")))
+    forced = register_version(
+        cfg_for(workspace, promote_if_not_comparable=True), *map(str, fake_export(workspace, 0.50, "T3"))
+    )
     assert forced.promoted and aliases(workspace)["production"] == 3
 
 
 def test_lower_is_better_metric_and_promote_off(workspace):
-    from tasks.registry import compare, register_version
+    from tasks.release.registry import compare, register_version
 
     champ = {"version": 1, "primary_metric": "rmse", "primary_value": 0.5, "test_set_fingerprint": "T"}
     assert compare({**champ, "primary_value": 0.4}, champ, 0.0)["decision"] == "promote"
@@ -100,7 +131,7 @@ def test_lower_is_better_metric_and_promote_off(workspace):
 
 
 def test_rollback_and_forced_promotion(workspace):
-    from tasks.registry import RegistryError, history, promote, register_version, rollback
+    from tasks.release.registry import RegistryError, history, promote, register_version, rollback
 
     cfg = cfg_for(workspace)
     for v in (0.6, 0.7, 0.65):  # v1 promoted, v2 promoted, v3 rejected
@@ -119,8 +150,8 @@ def test_rollback_and_forced_promotion(workspace):
 
 
 def test_failed_registration_leaves_nothing(workspace, monkeypatch):
-    from tasks import registry
-    from tasks.registry import RegistryError, register_version
+    from tasks.release import registry
+    from tasks.release.registry import RegistryError, register_version
 
     exp, ev = fake_export(workspace, 0.8)
     (exp / "lineage.json").unlink()  # an export that did not finish
@@ -147,7 +178,7 @@ def test_failed_registration_leaves_nothing(workspace, monkeypatch):
 CONCURRENT = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
-from tasks import registry
+from tasks.release import registry
 from tasks.config import RunConfig
 slow = registry._link_tree
 def link_slowly(src, dst):  # widen the critical section: without the lock both would take the same number
@@ -163,12 +194,19 @@ print(r.version, r.promoted)
 
 
 def test_two_concurrent_registrations_get_distinct_versions(workspace):
-    from tasks.registry import history, list_versions
+    from tasks.release.registry import history, list_versions
 
     a, b = fake_export(workspace, 0.70, tag="a"), fake_export(workspace, 0.80, tag="b")
     start = time.time() + 2.0
-    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(REPO), str(workspace), str(e), str(v), str(start)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for e, v in (a, b)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT, str(REPO), str(workspace), str(e), str(v), str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for e, v in (a, b)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
     versions = sorted(int(o[0].split()[0]) for o in outs)
@@ -185,8 +223,8 @@ def test_cli_list_show_promote_rollback(workspace):
     import typer
     from typer.testing import CliRunner
 
-    from tasks.cli_registry import register
-    from tasks.registry import register_version
+    from tasks.cli.registry import register
+    from tasks.release.registry import register_version
 
     for v in (0.6, 0.7):
         register_version(cfg_for(workspace), *map(str, fake_export(workspace, v)))
@@ -211,6 +249,6 @@ def test_cli_list_show_promote_rollback(workspace):
 
 
 def test_registry_module_imports_no_torch():
-    code = "import sys, tasks.registry, tasks.cli_registry; print('torch' in sys.modules)"
+    code = "import sys, tasks.release.registry, tasks.cli.registry; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

@@ -8,7 +8,6 @@ import random
 from pathlib import Path
 
 import pytest
-
 from conftest import WORDS, toy_rows, write_csv
 
 # ----------------------------------------------------------------------------------------------
@@ -46,20 +45,32 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     return write_csv(path.with_suffix(".csv"), rows)
 
 
-def make_cfg(workspace: Path, source: Path, model: Path, task: str, method: str = "full", extra: list[str] | None = None):
-    from tasks.config import load_config
+def make_cfg(
+    workspace: Path, source: Path, model: Path, task: str, method: str = "full", extra: list[str] | None = None
+):
+    from tasks.config_loading import load_config
 
-    ov = [f"workspace={workspace}", f"data.source={source}", f"model.name_or_path={model}", f"method.kind={method}",
-          "data.max_length=32", "training.effective_batch_size=8", "training.epochs=4", "training.warmup_ratio=0.0",
-          "training.early_stopping.patience=10", f"data.task={task}", "training.learning_rate=null"]
+    ov = [
+        f"workspace={workspace}",
+        f"data.source={source}",
+        f"model.name_or_path={model}",
+        f"method.kind={method}",
+        "data.max_length=32",
+        "training.effective_batch_size=8",
+        "training.epochs=4",
+        "training.warmup_ratio=0.0",
+        "training.early_stopping.patience=10",
+        f"data.task={task}",
+        "training.learning_rate=default",
+    ]
     if task == "regression":
         ov.append("data.class_weighting=none")
     return load_config(None, ov + list(extra or []))
 
 
 def prepare(cfg, model: Path):
-    from tasks.data import prepare_dataset
-    from tasks.tokenize import tokenize_dataset
+    from tasks.data.prepare import prepare_dataset
+    from tasks.data.tokenize import tokenize_dataset
 
     prep = prepare_dataset(cfg)
     tok = tokenize_dataset(prep.path, str(model), cfg)
@@ -95,8 +106,16 @@ def learnable_bert(tiny_bert, tmp_path_factory) -> Path:
             shutil.copy(f, path / f.name)
     tok = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                     max_position_embeddings=128, pad_token_id=tok.pad_token_id, initializer_range=0.2)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=0.2,
+    )
     BertModel(cfg).save_pretrained(path)
     return path
 
@@ -108,8 +127,12 @@ def datasets_dir(tmp_path_factory):
 
 
 _PREPARED: dict[tuple[str, str], tuple[str, str]] = {}
-CASES = [(m, meth, task) for m in ("bert", "llama") for meth in ("full", "lora", "dora")
-         for task in ("single_label", "multi_label", "regression")]
+CASES = [
+    (m, meth, task)
+    for m in ("bert", "llama")
+    for meth in ("full", "lora", "dora")
+    for task in ("single_label", "multi_label", "regression")
+]
 CASES += [("bert", "qlora", "single_label"), ("llama", "qlora", "single_label"), ("llama", "qlora", "regression")]
 
 
@@ -118,19 +141,21 @@ def test_method_task_learns_and_changes_only_intended_params(request, tmp_path, 
     import contextlib
 
     import torch
+    from conftest import prepare_run
 
-    from tasks import train_worker
-    from tasks.batching import Rows
-    from tasks.files import read_json
-    from tasks.losses import make_loss
-    from tasks.modeling import build_model
-    from tasks.tokenize import load_tokenizer
-    from tasks.train import prepare_run
+    from tasks.model.base import load_tokenizer
+    from tasks.model.build import build_model
+    from tasks.plan import RunPlan
+    from tasks.training import loop as train_worker
+    from tasks.training.batching import Rows
+    from tasks.training.losses import make_loss
 
     model_dir = request.getfixturevalue(MODELS[model_name])
     extra = [f"training.learning_rate={LR[method]}", f"training.epochs={EPOCHS[task]}"]
     if (model_name, task) not in _PREPARED:  # data + tokens once per (model, task); each test its own run folder
-        shared = make_cfg(datasets_dir[task].parent / f"ws-{model_name}", datasets_dir[task], model_dir, task, method, extra)
+        shared = make_cfg(
+            datasets_dir[task].parent / f"ws-{model_name}", datasets_dir[task], model_dir, task, method, extra
+        )
         _PREPARED[(model_name, task)] = prepare(shared, model_dir)
     cfg = make_cfg(tmp_path / "ws", datasets_dir[task], model_dir, task, method, extra)
     run = prepare_run(cfg, *_PREPARED[(model_name, task)])
@@ -140,11 +165,10 @@ def test_method_task_learns_and_changes_only_intended_params(request, tmp_path, 
     assert summary["global_step"] == len(losses) == EPOCHS[task] * summary["steps_per_epoch"]
 
     # a fresh build with the same seed is the starting point: compare the loss and every parameter with it
-    info = read_json(run / "run_info.json")
+    plan = RunPlan.read(run)
     tok = load_tokenizer(str(model_dir))
-    start = build_model(str(model_dir), task=task, labels=info["labels"], method=method, method_cfg=cfg.method.model_dump(),
-                        pad_token_id=tok.pad_token_id, seed=cfg.training.seed).model
-    rows = Rows(str(Path(info["tokenized_path"]) / "train"), task, tok.pad_token_id)
+    start = build_model(plan, pad_token_id=tok.pad_token_id).model
+    rows = Rows(str(Path(plan.tokenized_path) / "train"), task, tok.pad_token_id)
     loss_fn = make_loss(task)
     loss_before = train_worker.evaluate(start, rows, loss_fn, 64, "cpu", contextlib.nullcontext)["val_loss"]
     loss_after = train_worker.evaluate(trained, rows, loss_fn, 64, "cpu", contextlib.nullcontext)["val_loss"]
@@ -162,7 +186,7 @@ def test_method_task_learns_and_changes_only_intended_params(request, tmp_path, 
         assert any("lora_B" in n for n in changed) and any("modules_to_save" in n for n in changed)
         if model_name == "bert":  # the pooler feeds BERT's head: trained and saved with it
             assert any("pooler.modules_to_save" in n for n in changed)
-        saved = (run / "model" / "adapter_model.safetensors")
+        saved = run / "model" / "adapter_model.safetensors"
         from safetensors import safe_open
 
         with safe_open(str(saved), "pt") as fh:
@@ -173,7 +197,7 @@ def test_method_task_learns_and_changes_only_intended_params(request, tmp_path, 
         if method == "dora":
             assert any("lora_magnitude_vector" in k for k in keys)
     if method == "qlora":
-        assert info["quantization"]["load_in_4bit"] and info["quantization"]["quant_type"] == "nf4"
+        assert plan.quantization["load_in_4bit"] and plan.quantization["quant_type"] == "nf4"
         assert type(trained.base_model.model.get_submodule(_first_target(trained))).__name__ == "Linear4bit"
 
 
@@ -189,16 +213,23 @@ def _first_target(peft_model) -> str:
 
 def test_class_weights_reach_the_training_loss(tmp_path, tiny_bert):
     """Same seed, same data order: the first step's loss differs only because of the manifest weights."""
-    from tasks import train_worker
+    from conftest import prepare_run
+
     from tasks.files import read_json
-    from tasks.train import prepare_run
+    from tasks.training import loop as train_worker
 
     rows = toy_rows(60, classes=("pos", "neg")) + toy_rows(30, classes=("neg",), seed=1)
     src = write_csv(tmp_path / "imb.csv", rows)
     firsts = {}
     for scheme in ("none", "balanced"):
-        cfg = make_cfg(tmp_path / f"ws-{scheme}", src, tiny_bert, "single_label", "full",
-                       [f"data.class_weighting={scheme}", "training.epochs=1"])
+        cfg = make_cfg(
+            tmp_path / f"ws-{scheme}",
+            src,
+            tiny_bert,
+            "single_label",
+            "full",
+            [f"data.class_weighting={scheme}", "training.epochs=1"],
+        )
         prep, tok = prepare(cfg, tiny_bert)
         weights = read_json(Path(prep) / "manifest.json")["class_weights"]
         run = prepare_run(cfg, prep, tok)
@@ -210,12 +241,15 @@ def test_class_weights_reach_the_training_loss(tmp_path, tiny_bert):
 
 
 def test_wrong_loss_or_metric_for_task_is_a_config_error(tmp_path, tiny_bert, datasets_dir):
-    from tasks.config import ConfigError
-    from tasks.train import prepare_run
+    from conftest import prepare_run
 
-    for task, extra, field in (("regression", ["training.loss=cross_entropy"], "training.loss"),
-                               ("single_label", ["training.loss=mse"], "training.loss"),
-                               ("regression", ["training.early_stopping.metric=accuracy"], "training.early_stopping.metric")):
+    from tasks.config import ConfigError
+
+    for task, extra, field in (
+        ("regression", ["training.loss=cross_entropy"], "training.loss"),
+        ("single_label", ["training.loss=mse"], "training.loss"),
+        ("regression", ["training.early_stopping.metric=accuracy"], "training.early_stopping.metric"),
+    ):
         cfg = make_cfg(tmp_path / "ws", datasets_dir[task], tiny_bert, task, "full", extra)
         with pytest.raises(ConfigError) as err:
             prepare_run(cfg, *prepare(cfg, tiny_bert))
@@ -223,7 +257,7 @@ def test_wrong_loss_or_metric_for_task_is_a_config_error(tmp_path, tiny_bert, da
 
 
 def test_run_key_changes_only_with_training_inputs(tmp_path, tiny_bert, datasets_dir):
-    from tasks.train import prepare_run
+    from conftest import prepare_run
 
     def key(*extra):
         cfg = make_cfg(tmp_path / "ws", datasets_dir["single_label"], tiny_bert, "single_label", "lora", list(extra))
@@ -231,35 +265,68 @@ def test_run_key_changes_only_with_training_inputs(tmp_path, tiny_bert, datasets
 
     base = key()
     assert key("training.timeout_s=999", "training.save_every_steps=3") == base
-    for extra in ("training.learning_rate=0.001", "method.lora_r=4", "training.seed=1", "data.max_length=24",
-                  "training.effective_batch_size=4", "method.kind=full"):
+    for extra in (
+        "training.learning_rate=0.001",
+        "method.lora_r=4",
+        "training.seed=1",
+        "data.max_length=24",
+        "training.effective_batch_size=4",
+        "method.kind=full",
+    ):
         assert key(extra) != base, extra
 
 
+@pytest.mark.child
 def test_train_model_end_to_end_in_child_with_oom_backoff(tmp_path, tiny_llama, datasets_dir, monkeypatch):
     """The child process trains; a simulated OOM at micro-batch 8 makes the stage retry at 4 x 2."""
+    from conftest import train_model
+
     from tasks.files import read_json
-    from tasks.modeling import load_trained_model
-    from tasks.train import train_model
+    from tasks.model.loading import load_trained_model
+    from tasks.plan import RunPlan
 
     monkeypatch.setenv("FINETUNE_SIMULATE_OOM_ABOVE", "4")
-    cfg = make_cfg(tmp_path / "ws", datasets_dir["single_label"], tiny_llama, "single_label", "lora",
-                   ["training.epochs=2", "training.learning_rate=0.03"])
+    cfg = make_cfg(
+        tmp_path / "ws",
+        datasets_dir["single_label"],
+        tiny_llama,
+        "single_label",
+        "lora",
+        ["training.epochs=2", "training.learning_rate=0.03"],
+    )
     res = train_model(cfg, *prepare(cfg, tiny_llama))
     run = Path(res.path)
-    assert res.oom_backoffs and res.oom_backoffs[0]["from_micro_batch"] == 8 and res.oom_backoffs[0]["to_micro_batch"] == 4
+    assert (
+        res.oom_backoffs and res.oom_backoffs[0]["from_micro_batch"] == 8 and res.oom_backoffs[0]["to_micro_batch"] == 4
+    )
     summary = read_json(run / "training_summary.json")
-    assert (summary["micro_batch_size"], summary["gradient_accumulation_steps"], summary["effective_batch_size"]) == (4, 2, 8)
+    assert (summary["micro_batch_size"], summary["gradient_accumulation_steps"], summary["effective_batch_size"]) == (
+        4,
+        2,
+        8,
+    )
     assert "out of memory at micro-batch 8" in (run / "logs" / "attempt-1.log").read_text()
-    resolved = read_json(run / "resolved_config.json")["resolved_training"]
-    assert resolved["micro_batch_size"] == 4 and resolved["learning_rate"] == 0.03 and resolved["method"] == "lora"
-    info = read_json(run / "run_info.json")
-    assert info["problem_type"] == "single_label_classification" and info["num_labels"] == 3
-    assert info["head_modules"] == ["score"] and set(info["target_modules"]) >= {"q_proj", "v_proj"}
+    plan = RunPlan.read(run)  # the plan as trained: the back-off's micro-batch
+    assert plan.micro_batch_size == 4 and plan.learning_rate == 0.03 and plan.method == "lora"
+    assert plan.problem_type == "single_label_classification" and plan.num_labels == 3
+    build = read_json(run / "build.json")
+    assert build["head_modules"] == ["score"] and set(build["target_modules"]) >= {"q_proj", "v_proj"}
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json"):
         assert (run / "model" / name).exists(), name
-    assert {"best_epoch", "best_step", "best_metric_name", "best_metric", "epochs_run", "stopped_early", "global_step",
-            "seconds", "samples_per_second", "peak_rss_mb", "learning_rate", "effective_batch_size"} <= set(summary)
+    assert {
+        "best_epoch",
+        "best_step",
+        "best_metric_name",
+        "best_metric",
+        "epochs_run",
+        "stopped_early",
+        "global_step",
+        "seconds",
+        "samples_per_second",
+        "peak_rss_mb",
+        "learning_rate",
+        "effective_batch_size",
+    } <= set(summary)
     kinds = {json.loads(ln)["type"] for ln in (run / "metrics.jsonl").read_text().splitlines()}
     assert kinds == {"step", "eval"}
     assert len(list((run / "checkpoints").glob("step-*"))) <= 3
@@ -277,8 +344,10 @@ def test_timeout_kills_the_training_child(tmp_path, tiny_llama, datasets_dir, mo
     import os
     import time
 
+    from conftest import prepare_run
+
     from tasks.files import read_json
-    from tasks.train import TrainingTimeout, launch_worker, prepare_run
+    from tasks.training.launch import TrainingTimeout, launch_worker
 
     monkeypatch.setenv("FINETUNE_TEST_STEP_DELAY_S", "1")
     cfg = make_cfg(tmp_path / "ws", datasets_dir["single_label"], tiny_llama, "single_label", "lora")

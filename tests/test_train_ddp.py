@@ -9,13 +9,21 @@ from test_train import make_cfg, prepare, task_rows, write_rows
 
 
 def test_two_process_torchrun_on_cpu(tmp_path, tiny_bert):
+    from conftest import train_model
+
     from tasks.files import read_json
-    from tasks.modeling import load_trained_model
-    from tasks.train import train_model, worker_command
+    from tasks.model.loading import load_trained_model
+    from tasks.training.launch import worker_command
 
     src = write_rows(tmp_path / "single", task_rows("single_label"))
-    cfg = make_cfg(tmp_path / "ws", src, tiny_bert, "single_label", "full",
-                   ["training.processes=2", "training.epochs=2", "training.learning_rate=0.003"])
+    cfg = make_cfg(
+        tmp_path / "ws",
+        src,
+        tiny_bert,
+        "single_label",
+        "full",
+        ["training.processes=2", "training.epochs=2", "training.learning_rate=0.003"],
+    )
     assert "torch.distributed.run" in worker_command(Path("x"), 2)
     res = train_model(cfg, *prepare(cfg, tiny_bert))
     run = Path(res.path)

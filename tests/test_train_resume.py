@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_train import make_cfg, prepare, step_losses, task_rows, write_rows
 
 
@@ -28,9 +27,12 @@ def source(tmp_path_factory):
 EXTRA = ["training.epochs=3", "training.learning_rate=0.01", "training.save_every_steps=2"]
 
 
+@pytest.mark.child
 def test_killed_child_resumes_from_checkpoint_and_matches_uninterrupted_run(tmp_path, tiny_llama, source, monkeypatch):
+    from conftest import train_model
+
     from tasks.files import read_json
-    from tasks.train import TrainingError, train_model
+    from tasks.training.launch import TrainingError
 
     # the reference: one uninterrupted run
     ref_cfg = make_cfg(tmp_path / "ref", source, tiny_llama, "single_label", "lora", EXTRA)
@@ -67,8 +69,11 @@ def test_killed_child_resumes_from_checkpoint_and_matches_uninterrupted_run(tmp_
     assert events[-1]["type"] == "resume" and events[-1]["step"] == res.resumed_from_step
 
     # the loss curve continues without gaps or duplicates, and ends where the uninterrupted run ends
-    steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()
-             if json.loads(ln)["type"] == "step"]
+    steps = [
+        json.loads(ln)["step"]
+        for ln in (run / "metrics.jsonl").read_text().splitlines()
+        if json.loads(ln)["type"] == "step"
+    ]
     assert steps == list(range(1, total + 1))
     assert step_losses(run) == pytest.approx(step_losses(Path(ref.path)), rel=1e-4, abs=1e-6)
     for a, b in zip(_evals(run), _evals(Path(ref.path)), strict=True):
@@ -87,9 +92,10 @@ def _capture(errors: list, fn, *args) -> None:
 
 
 def test_corrupt_latest_checkpoint_is_detected_and_the_previous_one_used(tmp_path, tiny_llama, source, capsys):
-    from tasks import train_worker
-    from tasks.train import prepare_run
-    from tasks.train_checkpoints import checkpoint_steps, verify_checkpoint
+    from conftest import prepare_run
+
+    from tasks.training import loop as train_worker
+    from tasks.training.checkpoints import checkpoint_steps, verify_checkpoint
 
     cfg = make_cfg(tmp_path / "ws", source, tiny_llama, "single_label", "lora", EXTRA + ["training.epochs=2"])
     run = prepare_run(cfg, *prepare(cfg, tiny_llama))
@@ -115,12 +121,19 @@ def test_corrupt_latest_checkpoint_is_detected_and_the_previous_one_used(tmp_pat
 def test_unusable_best_checkpoint_keeps_the_final_weights_and_says_so(tmp_path, tiny_llama, source, capsys):
     import shutil
 
-    from tasks import train_worker
-    from tasks.train import prepare_run
+    from conftest import prepare_run
+
+    from tasks.training import loop as train_worker
 
     # min_delta=100: epoch 1 stays the best of 2, so the best checkpoint is older than the latest
-    cfg = make_cfg(tmp_path / "ws", source, tiny_llama, "single_label", "lora",
-                   ["training.epochs=2", "training.early_stopping.min_delta=100"])
+    cfg = make_cfg(
+        tmp_path / "ws",
+        source,
+        tiny_llama,
+        "single_label",
+        "lora",
+        ["training.epochs=2", "training.early_stopping.min_delta=100"],
+    )
     run = prepare_run(cfg, *prepare(cfg, tiny_llama))
     first = train_worker.run(str(run))
     assert first["best_epoch"] == 1 and first["best_step"] < first["global_step"]

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import toy_rows, write_csv
-from tasks.config import validate_config
-from tasks.sources import DataError
-from tasks.watching import (
+
+from tasks.config_loading import validate_config
+from tasks.data.sources import DataError
+from tasks.data.watching import (
     WatchError,
+    WatchState,
     canonical_location,
     check_location,
     default_state_path,
@@ -26,7 +27,6 @@ from tasks.watching import (
     load_state,
     poll,
     scan,
-    WatchState,
 )
 
 STABLE = 5.0
@@ -70,8 +70,14 @@ def test_new_file_emits_once(tmp_path):
     assert [a.path for a in second.announced] == [str(f)]
     ann = rec.sent[0]
     assert ann.sha256 == hashlib.sha256(f.read_bytes()).hexdigest()
-    assert ann.payload() == {"dataset": "demo", "path": str(f), "sha256": ann.sha256, "size": f.stat().st_size,
-                             "name": "new.csv", "location": str(drop)}
+    assert ann.payload() == {
+        "dataset": "demo",
+        "path": str(f),
+        "sha256": ann.sha256,
+        "size": f.stat().st_size,
+        "name": "new.csv",
+        "location": str(drop),
+    }
     for t in (STABLE * 2, STABLE * 3, STABLE * 10):
         _poll(drop, state, rec, now=t)
     assert len(rec.sent) == 1
@@ -123,8 +129,10 @@ def test_changed_file_emits_again(tmp_path):
     _write(f, b"text,label\nv1,a\nv2,b\n", mtime=2000)
     _poll(drop, state, rec, now=50)
     _poll(drop, state, rec, now=50 + STABLE)
-    assert [a.sha256 for a in rec.sent] == [hashlib.sha256(b"text,label\nv1,a\n").hexdigest(),
-                                           hashlib.sha256(f.read_bytes()).hexdigest()]
+    assert [a.sha256 for a in rec.sent] == [
+        hashlib.sha256(b"text,label\nv1,a\n").hexdigest(),
+        hashlib.sha256(f.read_bytes()).hexdigest(),
+    ]
     _write(f, b"text,label\nv1,a\n", mtime=3000)  # back to the first content: announced before, not again
     _poll(drop, state, rec, now=100)
     assert _poll(drop, state, rec, now=100 + STABLE).duplicates == [str(f)]
@@ -191,13 +199,17 @@ def test_check_location_settles_and_persists(tmp_path):
     state_file = default_state_path(tmp_path / "ws", str(drop))
     assert state_file.parent == (tmp_path / "ws" / "watch").resolve()
     rec = Recorder()
-    once = check_location(str(drop), state_file, dataset="demo", stable_seconds=STABLE, emit=rec,
-                          sleep=sleep, clock=lambda: clock["t"])
+    once = check_location(
+        str(drop), state_file, dataset="demo", stable_seconds=STABLE, emit=rec, sleep=sleep, clock=lambda: clock["t"]
+    )
     assert len(once.announced) == 1 and clock["t"] == STABLE  # one window waited, then announced
     saved = load_state(state_file)
-    assert list(saved.announced) == [rec.sent[0].sha256] and saved.announced[rec.sent[0].sha256]["event_id"] == "event-1"
-    again = check_location(str(drop), state_file, dataset="demo", stable_seconds=STABLE, emit=rec,
-                           sleep=sleep, clock=lambda: clock["t"])  # a restarted watcher remembers
+    assert (
+        list(saved.announced) == [rec.sent[0].sha256] and saved.announced[rec.sent[0].sha256]["event_id"] == "event-1"
+    )
+    again = check_location(
+        str(drop), state_file, dataset="demo", stable_seconds=STABLE, emit=rec, sleep=sleep, clock=lambda: clock["t"]
+    )  # a restarted watcher remembers
     assert again.announced == [] and len(rec.sent) == 1
     # the same folder named relatively shares the state
     assert default_state_path(tmp_path / "ws", os.path.relpath(drop)) == state_file
@@ -209,7 +221,7 @@ def test_missing_location_and_missing_server(tmp_path, monkeypatch):
         scan(str(tmp_path / "nope"))
     from typer.testing import CliRunner
 
-    from tasks.cli_watch import _standalone
+    from tasks.cli.watch import _standalone
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     (tmp_path / "drop").mkdir()
@@ -219,9 +231,16 @@ def test_missing_location_and_missing_server(tmp_path, monkeypatch):
 
 # ---- data versions (tasks/retrain.py) ---------------------------------------------------------------
 
+
 def _cfg(ws: Path, source, **retrain):
-    return validate_config({"workspace": str(ws), "data": {"source": source, "task": "single_label"},
-                            "registry": {"name": "toy"}, "retrain": retrain})
+    return validate_config(
+        {
+            "workspace": str(ws),
+            "data": {"source": source, "task": "single_label"},
+            "registry": {"name": "toy"},
+            "retrain": retrain,
+        }
+    )
 
 
 def _rows(n, seed, offset):
@@ -232,8 +251,8 @@ def _rows(n, seed, offset):
 
 
 def test_append_keeps_the_test_split_fixed(tmp_path, workspace):
-    from tasks.data import dataset_fingerprint, load_split, prepare_dataset
-    from tasks.retrain import apply_new_data, list_versions
+    from tasks.data.prepare import dataset_fingerprint, load_split, prepare_dataset
+    from tasks.data.versions import apply_new_data, list_versions
 
     base = write_csv(tmp_path / "base.csv", toy_rows(120))
     cfg = _cfg(workspace, str(base), policy="append")
@@ -262,7 +281,7 @@ def test_append_keeps_the_test_split_fixed(tmp_path, workspace):
 
 
 def test_append_drops_leaks_and_duplicates_and_is_idempotent(tmp_path, workspace):
-    from tasks.retrain import apply_new_data, list_versions
+    from tasks.data.versions import apply_new_data, list_versions
 
     base_rows = toy_rows(120)
     base = write_csv(tmp_path / "base.csv", base_rows)
@@ -275,7 +294,13 @@ def test_append_drops_leaks_and_duplicates_and_is_idempotent(tmp_path, workspace
     write_csv(drop, new)
     sha = hashlib.sha256(drop.read_bytes()).hexdigest()
     _, v = apply_new_data(cfg, str(drop), sha)
-    assert v.rows == {"train": len(train_rows) + 6, "new": 11, "added": 6, "dropped_in_test": 2, "dropped_duplicates": 3}
+    assert v.rows == {
+        "train": len(train_rows) + 6,
+        "new": 11,
+        "added": 6,
+        "dropped_in_test": 2,
+        "dropped_duplicates": 3,
+    }
     again_cfg, again = apply_new_data(cfg, str(drop), sha)  # a retried run: the same version, nothing appended
     assert again.reused and again.version == v.version and len(list_versions(cfg)) == v.version
     assert again_cfg.data.source == v.source
@@ -287,8 +312,8 @@ def test_append_drops_leaks_and_duplicates_and_is_idempotent(tmp_path, workspace
 def test_replace_and_errors(tmp_path, workspace):
     import fsspec
 
-    from tasks.data import dataset_fingerprint
-    from tasks.retrain import apply_new_data, list_versions
+    from tasks.data.prepare import dataset_fingerprint
+    from tasks.data.versions import apply_new_data, list_versions
 
     cfg = _cfg(workspace, str(write_csv(tmp_path / "base.csv", toy_rows(60))), policy="replace")
     fs = fsspec.filesystem("memory")

@@ -1,0 +1,5 @@
+"""`python -m tasks.cli ...` runs the `finetune` command."""
+
+from tasks.cli.app import main
+
+main()

@@ -1,0 +1,123 @@
+"""`finetune registry list|show|promote|rollback` and `finetune predict`. Wired into the app (tasks/cli/app.py) with
+`register(app)`. Only the predict command imports torch/transformers, and only when it runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tasks.cli.common import fail as _fail
+
+WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="The pipeline workspace (holds registry/).")]
+NameArg = Annotated[str, typer.Argument(help="Registered model name.")]
+
+
+def registry_list(
+    name: Annotated[str | None, typer.Argument(help="Model name; omit to list all models.")] = None,
+    workspace: WorkspaceOpt = Path("workspace"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List registered models, or the versions of one model (* marks production)."""
+    from tasks.release.registry import RegistryError, list_models, list_versions
+
+    try:
+        if name is None:
+            names = list_models(workspace)
+            if as_json:
+                typer.echo(json.dumps(names))
+            for n in [] if as_json else names:
+                typer.echo(n)
+            if not names and not as_json:
+                typer.echo(f"no registered models in {workspace / 'registry'}")
+            return
+        rows = list_versions(workspace, name)
+    except RegistryError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, default=str))
+        return
+    typer.echo(f"{'':2}{'version':>7}  {'metric':<12} {'value':>8}  {'method':<6} {'gate':<8} created")
+    for r in rows:
+        mark = "* " if r["production"] else "  "
+        typer.echo(
+            f"{mark}{r['version']:>7}  {r['primary_metric']:<12} {r['primary_value']:>8.4f}  "
+            f"{r.get('method') or '':<6} {r.get('gate') or '':<8} {r.get('created_at')}"
+        )
+
+
+def registry_show(
+    name: NameArg,
+    version: Annotated[int | None, typer.Argument(help="Version (default: production).")] = None,
+    workspace: WorkspaceOpt = Path("workspace"),
+) -> None:
+    """Show one version: facts, gate decision, test metrics."""
+    from tasks.release.registry import RegistryError, show_version
+
+    try:
+        typer.echo(json.dumps(show_version(workspace, name, version), indent=2, default=str))
+    except RegistryError as exc:
+        _fail(exc)
+
+
+def registry_promote(
+    name: NameArg,
+    version: Annotated[int, typer.Argument(help="Version to make production.")],
+    workspace: WorkspaceOpt = Path("workspace"),
+    reason: Annotated[str, typer.Option(help="Recorded in the history.")] = "manual",
+) -> None:
+    """Force a version to production (bypasses the gate; recorded)."""
+    from tasks.release.registry import RegistryError, promote
+
+    try:
+        r = promote(workspace, name, version, reason)
+    except RegistryError as exc:
+        _fail(exc)
+    typer.echo(f"{name}: production is version {r['production']} (was {r['previous']})")
+
+
+def registry_rollback(name: NameArg, workspace: WorkspaceOpt = Path("workspace")) -> None:
+    """Return production to the previous production version."""
+    from tasks.release.registry import RegistryError, rollback
+
+    try:
+        r = rollback(workspace, name)
+    except RegistryError as exc:
+        _fail(exc)
+    typer.echo(f"{name}: production rolled back to version {r['production']} (was {r['previous']})")
+
+
+def predict(
+    model: Annotated[str, typer.Option("--model", "-m", help="NAME or NAME@VERSION (default: production).")],
+    input: Annotated[Path, typer.Option("--input", "-i", help="CSV (or .tsv/.jsonl/.parquet) with a text column.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="CSV to write: input columns + prediction, score.")],
+    workspace: WorkspaceOpt = Path("workspace"),
+    text_column: Annotated[
+        str | None, typer.Option(help="Text column (default: the one the model was trained on).")
+    ] = None,
+    text_pair_column: Annotated[str | None, typer.Option(help="Second text column for pair models.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts per forward pass.")] = 64,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Score a file with a registered model."""
+    from tasks.release.predict import PredictError, predict_file
+    from tasks.release.registry import RegistryError
+
+    try:
+        r = predict_file(workspace, model, input, output, batch_size, text_column, text_pair_column, progress)
+    except (PredictError, RegistryError) as exc:
+        _fail(exc)
+    typer.echo(f"{r.rows} rows scored with {r.model} version {r.version} -> {r.path} ({r.seconds:.1f}s)")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `registry ...` and `predict` to the main `finetune` app."""
+    reg = typer.Typer(help="Registered model versions and the production alias.", no_args_is_help=True)
+    reg.command("list")(registry_list)
+    reg.command("show")(registry_show)
+    reg.command("promote")(registry_promote)
+    reg.command("rollback")(registry_rollback)
+    app.add_typer(reg, name="registry")
+    app.command("predict")(predict)

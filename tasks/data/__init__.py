@@ -1,0 +1,1 @@
+"""Data: sources, validation, stratified splits, class weights, tokenization, data versions, watching."""

@@ -1,0 +1,91 @@
+"""Tokenization step: prepared dataset -> `<workspace>/tokenized/<key>/`, keyed by dataset fingerprint,
+tokenizer content and max length. No padding here: batches are padded dynamically at training time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.config import RunConfig
+from tasks.data.splits import SPLITS
+from tasks.files import atomic_dir, read_json, sha256_json, write_json
+from tasks.model.base import load_tokenizer, tokenizer_fingerprint
+from tasks.workspace import Workspace
+
+TOKENIZE_VERSION = "1"
+
+
+@dataclass
+class TokenizedData:
+    path: str
+    key: str
+    truncated_share: dict[str, float]
+    reused: bool
+
+
+def tokenized_dir(cfg: RunConfig, dataset_fp: str, tokenizer_dir: str) -> Path:
+    """Where the tokenized splits for (dataset, tokenizer content, max_length) live: cheap, no torch."""
+    key = sha256_json(
+        {
+            "dataset": dataset_fp,
+            "tokenizer": tokenizer_fingerprint(tokenizer_dir),
+            "max_length": cfg.data.max_length,
+            "version": TOKENIZE_VERSION,
+        }
+    )[:20]
+    return Workspace.at(cfg.workspace).tokenized(key)
+
+
+def tokenize_dataset(prepared_dir: str, tokenizer_dir: str, cfg: RunConfig) -> TokenizedData:
+    """Tokenize every split once per (dataset, tokenizer, max_length); returns where it lives."""
+    manifest = read_json(Path(prepared_dir) / "manifest.json")
+    max_length = cfg.data.max_length
+    final = tokenized_dir(cfg, manifest["fingerprint"], tokenizer_dir)
+    key = final.name
+    if (final / "tokenized.json").exists():
+        info = read_json(final / "tokenized.json")
+        return TokenizedData(str(final), key, info["truncated_share"], True)
+
+    import datasets
+
+    tok = load_tokenizer(tokenizer_dir, cfg.model.trust_remote_code, cfg.model.revision)
+    has_pair = manifest["columns"].get("text_pair") is not None
+    t0 = time.perf_counter()
+
+    def encode(batch):
+        args = (batch["text"], batch["text_pair"]) if has_pair else (batch["text"],)
+        enc = tok(*args, truncation=True, max_length=max_length)
+        full = tok(*args, truncation=False)["input_ids"]
+        enc["length"] = [len(x) for x in enc["input_ids"]]
+        enc["truncated"] = [len(f) > max_length for f in full]
+        enc["labels"] = batch["label"]
+        return enc
+
+    shares = {}
+    with atomic_dir(final) as tmp:
+        for split in SPLITS:
+            ds = datasets.Dataset.from_parquet(str(Path(prepared_dir) / f"{split}.parquet"), keep_in_memory=True)
+            keep = ["id"]
+            ds = ds.map(
+                encode,
+                batched=True,
+                remove_columns=[c for c in ds.column_names if c not in keep],
+                keep_in_memory=True,
+                desc=f"tokenize {split}",
+            )
+            shares[split] = round(float(sum(ds["truncated"])) / max(1, len(ds)), 4)
+            ds.remove_columns(["truncated"]).save_to_disk(str(tmp / split))
+        write_json(
+            tmp / "tokenized.json",
+            {
+                "key": key,
+                "dataset_fingerprint": manifest["fingerprint"],
+                "tokenizer": tokenizer_dir,
+                "max_length": max_length,
+                "truncated_share": shares,
+                "seconds": round(time.perf_counter() - t0, 3),
+            },
+        )
+    return TokenizedData(str(final), key, shares, False)

@@ -1,0 +1,1 @@
+"""Evaluation on the held-out test split: metrics (local `evaluate` modules), baselines, scoring, the report."""

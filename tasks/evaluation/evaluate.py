@@ -1,0 +1,318 @@
+"""Evaluation stage: score a trained run on the held-out test split (never seen in training), next to
+majority and TF-IDF baselines, and write `<workspace>/evaluations/<key>/` atomically:
+metrics.json, predictions.parquet, confusion_matrix.png/.md (regression: predictions_scatter.png),
+report.md (and loss_curve.png when the run has a metrics.jsonl).
+
+Validation is used only to tune multi-label thresholds. The folder is content-addressed: the run's key (which
+fixes its inputs), a stamp of its model/ folder (each file's size and modification time: a retrained model is
+a new stamp), the evaluation settings and the threshold grid. No weight file is read to compute the key.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tasks.config import RunConfig
+from tasks.data.prepare import load_split
+from tasks.evaluation.metrics import (
+    MIN_POSITIVES_PER_LABEL,
+    THRESHOLD_GRID,
+    MetricError,
+    compute_metrics,
+    higher_is_better,
+    is_better,
+    load_extra_metric,
+    metric_details,
+    predictions_from_scores,
+    primary_metric,
+    tune_thresholds,
+)
+from tasks.evaluation.scoring import predict_scores
+from tasks.files import atomic_dir, folder_stamp, read_json, sha256_json, write_json
+from tasks.plan import RunPlan
+from tasks.workspace import Workspace
+
+EVAL_VERSION = "2"
+
+
+@dataclass
+class EvalResult:
+    path: str
+    primary_metric: str
+    primary_value: float | None
+    metrics: dict[str, float]
+    baselines: dict[str, dict[str, float]]
+    beats_tfidf: bool | None  # None when baselines are off (evaluation.baselines: false)
+    key: str = ""
+    reused: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+def evaluation_key(cfg: RunConfig, run_dir: str | Path) -> str:
+    """The run's key + a stamp of its trained model (file sizes and times) + evaluation settings + code version."""
+    run = Path(run_dir)
+    plan = RunPlan.read(run)
+    payload = {
+        "run": run.name,
+        "model": folder_stamp(run / "model"),
+        "evaluation": cfg.evaluation.model_dump(mode="json"),
+        "max_length": plan.max_length,
+        "version": EVAL_VERSION,
+    }
+    if plan.task == "multi_label":  # tuned thresholds come from this grid
+        payload["threshold_grid"] = [list(THRESHOLD_GRID), MIN_POSITIVES_PER_LABEL]
+    return sha256_json(payload)[:20]
+
+
+def _clean(obj):
+    """JSON-safe: numpy scalars to Python, NaN/inf to None."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(float(obj)) else None
+    return obj
+
+
+def _result(final: Path, reused: bool) -> EvalResult:
+    m = read_json(final / "metrics.json")
+    metrics = {k: float(v) for k, v in m["metrics"].items() if isinstance(v, (int, float))}
+    base = {
+        n: {k: float(v) for k, v in b["metrics"].items() if isinstance(v, (int, float))}
+        for n, b in m.get("baselines", {}).items()
+    }
+    return EvalResult(
+        str(final),
+        m["primary_metric"],
+        m["metrics"].get(m["primary_metric"]),
+        metrics,
+        base,
+        m["comparison"].get("beats_tfidf"),
+        final.name,
+        reused,
+        m.get("warnings", []),
+    )
+
+
+def compare(primary: str, value: float | None, baselines: dict[str, dict]) -> dict:
+    """How the model stands against each baseline on the primary metric (delta = model - baseline)."""
+    out = {"primary_metric": primary, "higher_is_better": higher_is_better(primary), "model": value, "baselines": {}}
+    for name, b in baselines.items():
+        bv = b["metrics"].get(primary)
+        if value is None or bv is None:
+            out["baselines"][name] = {"value": bv, "delta": None, "model_beats": None}
+            continue
+        out["baselines"][name] = {"value": bv, "delta": value - bv, "model_beats": not is_better(bv, value, primary)}
+    tf = out["baselines"].get("tfidf")
+    out["beats_tfidf"] = None if tf is None else tf["model_beats"]
+    return out
+
+
+def _extra_metrics(names: list[str], task: str, y_true, pred) -> tuple[dict, list[str]]:
+    results, warnings = {}, []
+    refs = y_true.tolist() if isinstance(y_true, np.ndarray) else list(y_true)
+    for name in names:
+        try:
+            metric = load_extra_metric(name)
+            results[name] = {"values": _clean(metric.compute(predictions=np.asarray(pred).tolist(), references=refs))}
+        except Exception as exc:  # noqa: BLE001 - reported, the evaluation goes on
+            msg = (
+                str(exc)
+                if isinstance(exc, MetricError)
+                else f"extra metric '{name}' failed: {type(exc).__name__}: {exc}"
+            )
+            results[name] = {"error": msg}
+            warnings.append(msg)
+    return results, warnings
+
+
+def _predictions_frame(test, task: str, labels: list[str], scores: np.ndarray, pred: np.ndarray):
+    import pandas as pd
+
+    cols = ["id", "text"] + (["text_pair"] if "text_pair" in test else []) + ["label"]
+    df = test[cols + (["label_name"] if "label_name" in test else [])].copy()
+    if task == "single_label":
+        df["prediction"] = pred.astype("int64")
+        df["prediction_name"] = [labels[i] for i in pred]
+        df["scores"] = [row.astype("float32").tolist() for row in scores]
+    elif task == "multi_label":
+        df["prediction"] = [row.astype("int64").tolist() for row in pred]
+        df["predicted_labels"] = [[labels[j] for j in np.flatnonzero(row)] for row in pred]
+        df["scores"] = [row.astype("float32").tolist() for row in scores]
+    else:
+        df["prediction"] = pred.astype("float32")
+        df["scores"] = scores.astype("float32")
+    return pd.DataFrame(df).reset_index(drop=True)
+
+
+def _score_splits(plan: RunPlan, run: Path, test, cfg: RunConfig) -> dict:
+    """Test scores (and, multi-label, validation scores with tuned thresholds) from the run's best model."""
+    from tasks.model.loading import load_trained_model
+
+    model, tokenizer = load_trained_model(run)
+    if int(model.config.num_labels) != plan.num_labels:
+        raise ValueError(
+            f"the model in {run} has {model.config.num_labels} outputs but the data has {plan.num_labels} "
+            f"label(s) ({plan.task}); fix: evaluate the run trained on this dataset"
+        )
+
+    def score(df):
+        return predict_scores(
+            model,
+            tokenizer,
+            df["text"].tolist(),
+            df["text_pair"].tolist() if "text_pair" in df else None,
+            task=plan.task,
+            batch_size=cfg.evaluation.batch_size,
+            max_length=plan.max_length,
+        )
+
+    t_pred = time.perf_counter()
+    out = {"scores": score(test), "thresholds": None, "validation": None}
+    out["seconds"] = time.perf_counter() - t_pred
+    if plan.task == "multi_label":
+        val = load_split(plan.prepared_path, "validation")
+        if not len(val):
+            raise ValueError(
+                f"{plan.prepared_path} has an empty validation split; multi-label thresholds are tuned on it"
+            )
+        val_scores, y_val = score(val), val["label"].tolist()
+        out["thresholds"] = tune_thresholds(y_val, val_scores)
+        out["validation"] = {
+            "tuned": compute_metrics(plan.task, plan.labels, y_val, val_scores, out["thresholds"]),
+            "at_0.5": compute_metrics(plan.task, plan.labels, y_val, val_scores),
+        }
+    return out
+
+
+def _warnings(primary: str, metrics: dict, comparison: dict) -> list[str]:
+    warnings = []
+    if comparison["beats_tfidf"] is False:
+        tf = comparison["baselines"]["tfidf"]
+        warnings.append(
+            f"WARNING: the fine-tuned model LOSES to the TF-IDF baseline on {primary}: "
+            f"{metrics.get(primary):.4f} vs {tf['value']:.4f} ({tf['delta']:+.4f}); do not ship it without a look "
+            "(more epochs, another learning rate or base model, or more data)"
+        )
+    if metrics.get(primary) is None:
+        warnings.append(f"WARNING: primary metric {primary} is undefined on this test split (see metrics.json)")
+    return warnings
+
+
+def _threshold_doc(labels: list[str], scored: dict, at_half: dict) -> dict:
+    return {
+        "tuned_on": "validation",
+        "grid": f"{min(THRESHOLD_GRID):g}..{max(THRESHOLD_GRID):g} ({len(THRESHOLD_GRID)} values), per-label F1; "
+        f"labels with under {MIN_POSITIVES_PER_LABEL} validation positives share the threshold that "
+        "maximizes micro-F1",
+        "per_label": dict(zip(labels, scored["thresholds"].tolist(), strict=False)),
+        "validation": scored["validation"],
+        "test_at_0.5": at_half,
+    }
+
+
+def _write(
+    final: Path, doc: dict, plan: RunPlan, run: Path, test, scored: dict, pred, details: dict, t0: float
+) -> None:
+    from tasks.evaluation.report import confusion_table, render_report
+    from tasks.reporting.plots import (
+        confusion_matrix_png,
+        loss_curve_png,
+        multilabel_matrix_png,
+        regression_scatter_png,
+    )
+
+    task, labels, y_test = plan.task, plan.labels, test["label"].tolist()
+    with atomic_dir(final) as tmp:
+        _predictions_frame(test, task, labels, scored["scores"], pred).to_parquet(
+            tmp / "predictions.parquet", index=False
+        )
+        images = {}
+        cm = details.get("confusion_matrix")
+        if task == "single_label":
+            images["confusion"] = confusion_matrix_png(cm["matrix"], labels, tmp / "confusion_matrix.png").name
+        elif task == "multi_label":
+            images["confusion"] = multilabel_matrix_png(cm["matrix"], labels, tmp / "confusion_matrix.png").name
+        else:
+            images["scatter"] = regression_scatter_png(y_test, pred, tmp / "predictions_scatter.png").name
+        if cm is not None:
+            (tmp / "confusion_matrix.md").write_text(confusion_table(cm) + "\n", encoding="utf-8")
+        if (run / "metrics.jsonl").is_file() and loss_curve_png(run / "metrics.jsonl", tmp / "loss_curve.png"):
+            images["loss"] = "loss_curve.png"
+        doc["seconds"] = round(time.perf_counter() - t0, 3)
+        doc = _clean(doc)
+        write_json(tmp / "metrics.json", doc)
+        manifest = Workspace.read_dataset(plan.prepared_path).raw
+        (tmp / "report.md").write_text(render_report(doc, manifest, images), encoding="utf-8")
+
+
+def evaluate_run(cfg: RunConfig, run_dir: str | Path) -> EvalResult:
+    """Score the run's best model on the test split, with baselines; write or reuse the evaluation folder."""
+    t0 = time.perf_counter()
+    run = Path(run_dir).resolve()
+    plan = RunPlan.read(run)
+    task, labels = plan.task, plan.labels
+    primary = primary_metric(task, cfg.evaluation.primary_metric, len(labels))
+    key = evaluation_key(cfg, run)
+    final = Workspace.at(cfg.workspace).evaluation(key)
+    if (final / "metrics.json").is_file():
+        return _result(final, reused=True)
+    test = load_split(plan.prepared_path, "test")
+    y_test = test["label"].tolist()
+    scored = _score_splits(plan, run, test, cfg)
+    details = metric_details(task, labels, y_test, scored["scores"], scored["thresholds"])
+    metrics = details["metrics"]
+    at_half = compute_metrics(task, labels, y_test, scored["scores"]) if task == "multi_label" else {}
+    metrics.update({f"{k}_at_0.5": at_half.get(k) for k in ("f1_micro", "f1_macro") if at_half})
+    pred = predictions_from_scores(task, scored["scores"], scored["thresholds"])
+    baselines = {}
+    if cfg.evaluation.baselines:
+        from tasks.evaluation.baselines import score_baselines
+
+        baselines = score_baselines(plan.prepared_path)
+    comparison = compare(primary, metrics.get(primary), baselines)
+    extra, extra_warn = _extra_metrics(
+        cfg.evaluation.extra_metrics,
+        task,
+        y_test if task != "multi_label" else (np.stack(y_test) >= 0.5).astype(int),
+        pred,
+    )
+    doc = {
+        "task": task,
+        "split": "test",
+        "rows": len(test),
+        "primary_metric": primary,
+        "metrics": metrics,
+        "per_class": details.get("per_class", {}),
+        "confusion_matrix": details.get("confusion_matrix"),
+        "baselines": baselines,
+        "comparison": comparison,
+        "extra_metrics": extra,
+        "warnings": _warnings(primary, metrics, comparison) + [f"WARNING: {w}" for w in extra_warn],
+        "run": {
+            "path": str(run),
+            "key": run.name,
+            "method": plan.method,
+            "base_model": plan.base_model_name,
+            "dataset_fingerprint": plan.dataset_fingerprint,
+            "prepared_path": plan.prepared_path,
+        },
+        "evaluation": cfg.evaluation.model_dump(mode="json"),
+        "key": key,
+        "eval_version": EVAL_VERSION,
+        "prediction_seconds": round(scored["seconds"], 3),
+        "texts_per_second": round(len(test) / max(scored["seconds"], 1e-9), 1),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if task == "multi_label":
+        doc["thresholds"] = _threshold_doc(labels, scored, at_half)
+    _write(final, doc, plan, run, test, scored, pred, details, t0)
+    return _result(final, reused=False)

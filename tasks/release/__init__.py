@@ -1,0 +1,1 @@
+"""Release: verified merges, export, ONNX, the model card, the registry, predictions with registered models."""

@@ -1,0 +1,253 @@
+"""Export stage: merge a trained adapter into its base (verified, tasks/release/merge.py), write a self-contained
+HF folder (+ the adapter alone, a model card, lineage, optional ONNX) at `<workspace>/exports/<key>/`.
+
+Nothing is written unless every check passes (the folder is built in a temporary sibling and renamed). The key
+hashes the run's key and plan, a stamp of its model/ folder (sizes and modification times: no weight file is read
+to compute it), the evaluation's metrics.json and the export settings.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tasks.config import RunConfig
+from tasks.data.prepare import load_split
+from tasks.evaluation.scoring import batched_logits, compare_outputs
+from tasks.files import atomic_dir, folder_stamp, sha256_file, sha256_json, write_json
+from tasks.model.methods import get_method
+from tasks.plan import RunPlan
+from tasks.release.merge import ExportError, MergeError, check_finite, merge_adapter
+from tasks.release.provenance import code_version, package_versions
+from tasks.workspace import Workspace, WorkspaceError
+
+EXPORT_VERSION = "2"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+__all__ = ["ExportError", "ExportResult", "MergeError", "export_key", "export_run", "heldout_fingerprint"]
+
+
+@dataclass
+class ExportResult:
+    path: str
+    merge_verification: dict
+    onnx: bool
+    key: str = ""
+    method: str = ""
+    reused: bool = False
+    seconds: float = 0.0
+    onnx_parity: dict | None = field(default=None)
+
+
+def heldout_fingerprint(prepared_dir: str | Path) -> str:
+    """Hash of the test split's rows (id, texts, label): two models are comparable only on equal values."""
+    df = load_split(prepared_dir, "test")
+    cols = [c for c in ("id", "text", "text_pair", "label") if c in df.columns]
+    rows = [[str(v.tolist() if hasattr(v, "tolist") else v) for v in r] for r in df[cols].itertuples(index=False)]
+    return sha256_json({"columns": cols, "rows": rows})[:20]
+
+
+def export_key(cfg: RunConfig, run_dir: str | Path, eval_dir: str | Path) -> str:
+    """Content key: the run (key, plan, summary), the evaluation, the export settings."""
+    run = Path(run_dir)
+    return sha256_json(
+        {
+            "run": run.name,
+            "plan": sha256_file(run / "plan.json"),
+            "model": folder_stamp(run / "model"),
+            "metrics": sha256_file(Path(eval_dir) / "metrics.json"),
+            "export": cfg.export.model_dump(mode="json"),
+            "name": cfg.registry.name,
+            "version": EXPORT_VERSION,
+        }
+    )[:20]
+
+
+def verification_texts(plan: RunPlan, cfg: RunConfig) -> tuple[list[str], list[str] | None]:
+    """The test rows the merge and ONNX checks run on: all, or a seeded sample of export.verify_max_rows."""
+    df = load_split(plan.prepared_path, "test")
+    n = cfg.export.verify_max_rows
+    if n and len(df) > n:  # a seeded sample in file order: a test file sorted by label gives no one-class head
+        df = df.sample(n=n, random_state=cfg.data.split.seed).sort_index()
+    pairs = df["text_pair"].astype(str).tolist() if "text_pair" in df.columns else None
+    return df["text"].astype(str).tolist(), pairs
+
+
+def _model_and_logits(run: Path, plan: RunPlan, texts, pairs, cfg: RunConfig, tmp: Path):
+    """(model to save, tokenizer, verification figures, its logits): merged and verified, or the full fine-tune."""
+    from tasks.model.loading import load_exported_model, model_dir_of
+
+    model_dir = model_dir_of(run)
+    if get_method(plan.method).adapter:
+        model, tok, figures, logits = merge_adapter(run, texts, pairs, cfg)
+        (tmp / "adapter").mkdir()
+        for f in ADAPTER_FILES:
+            shutil.copy2(model_dir / f, tmp / "adapter" / f)
+        return model, tok, figures, logits
+    for f in model_dir.glob("*.safetensors"):
+        check_finite(f)
+    model, tok = load_exported_model(model_dir, plan.trust_remote_code)
+    logits = batched_logits(model, tok, texts, pairs, plan.max_length, cfg.evaluation.batch_size)
+    figures = {
+        "method": plan.method,
+        "merged": False,
+        "reason": "full fine-tuning: no adapter to merge",
+        "tolerance": cfg.export.merge_tolerance,
+        "rows": len(texts),
+        "passed": True,
+    }
+    return model, tok, figures, logits
+
+
+def _save_and_check(model, tok, plan: RunPlan, tmp: Path, texts, pairs, logits, figures: dict, cfg: RunConfig):
+    """Save the model with its labels, reload it from disk and check it reproduces the in-memory logits."""
+    from tasks.model.loading import load_exported_model
+
+    if len(plan.labels) == model.config.num_labels:
+        model.config.id2label = dict(enumerate(plan.labels))
+        model.config.label2id = {lab: i for i, lab in enumerate(plan.labels)}
+    model.config.problem_type = plan.problem_type
+    model.to("cpu").save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    reloaded, rtok = load_exported_model(tmp, plan.trust_remote_code)
+    again = batched_logits(reloaded, rtok, texts, pairs, plan.max_length, cfg.evaluation.batch_size)
+    figures["saved_vs_in_memory"] = compare_outputs(logits, again, plan.problem_type, cfg.export.merge_tolerance)
+    if figures["saved_vs_in_memory"]["max_abs_logit_diff"] > cfg.export.merge_tolerance:
+        raise MergeError(f"the saved export does not reproduce the in-memory model: {figures['saved_vs_in_memory']}")
+    return reloaded, rtok
+
+
+def _lineage(
+    cfg: RunConfig,
+    ws: Workspace,
+    plan: RunPlan,
+    run: Path,
+    evald: Path,
+    key: str,
+    figures: dict,
+    onnx: dict | None,
+    timings: dict,
+) -> dict:
+    summary = Workspace.read_summary(run)
+    metrics = Workspace.read_evaluation(evald)
+    return {
+        "export_key": key,
+        "export_version": EXPORT_VERSION,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "name": cfg.registry.name,
+        "method": plan.method,
+        "adapter": get_method(plan.method).adapter,
+        "task": plan.task,
+        "problem_type": plan.problem_type,
+        "labels": list(plan.labels),
+        "run": {"path": ws.relative(run), "key": run.name},
+        "evaluation": {"path": ws.relative(evald), "key": evald.name},
+        "base_model_name": plan.base_model_name,
+        "base_model_fingerprint": plan.base_model_fingerprint,
+        "dataset_fingerprint": plan.dataset_fingerprint,
+        "test_set_fingerprint": heldout_fingerprint(plan.prepared_path),
+        "prepared": ws.relative(plan.prepared_path),
+        "tokenized": ws.relative(plan.tokenized_path),
+        "config_hash": sha256_json(plan.identity())[:16],
+        "data": {
+            k: (cfg.data.model_dump(mode="json")).get(k)
+            for k in ("text_column", "text_pair_column", "label_column", "label_delimiter")
+        },
+        "max_length": plan.max_length,
+        "trust_remote_code": plan.trust_remote_code,
+        "quantization": plan.quantization,
+        "head": plan.head,
+        "primary_metric": metrics.primary_metric,
+        "primary_value": metrics.primary_value,
+        "code_version": code_version(),
+        "packages": package_versions(),
+        "training": {
+            **{
+                k: summary.raw.get(k)
+                for k in (
+                    "best_epoch",
+                    "best_metric_name",
+                    "best_metric",
+                    "epochs_run",
+                    "global_step",
+                    "seconds",
+                    "learning_rate",
+                    "effective_batch_size",
+                )
+            },
+            "plan": {k: v for k, v in plan.to_json().items() if k not in ("memory_estimate",)},
+        },
+        "timings": timings,
+        "merge_verification": figures,
+        "onnx": onnx,
+    }
+
+
+def export_run(cfg: RunConfig, run_dir: str | Path, eval_dir: str | Path) -> ExportResult:
+    """Merge (verified) and export a trained run; reuse `<workspace>/exports/<key>/` when it exists."""
+    from tasks.release.model_card import render_model_card
+    from tasks.release.onnx import export_onnx
+
+    t0 = time.perf_counter()
+    ws, run, evald = Workspace.at(cfg.workspace), Path(run_dir), Path(eval_dir)
+    try:
+        plan = RunPlan.read(run)
+        metrics = Workspace.read_evaluation(evald)
+    except WorkspaceError as exc:
+        raise ExportError(str(exc)) from None
+    key = export_key(cfg, run, evald)
+    final = ws.export(key)
+    if (final / "lineage.json").is_file():
+        lin = Workspace.read_export(final)
+        return ExportResult(
+            str(final),
+            lin.merge_verification,
+            bool(lin.onnx),
+            key,
+            lin.method,
+            True,
+            round(time.perf_counter() - t0, 3),
+            lin.onnx,
+        )
+    texts, pairs = verification_texts(plan, cfg)
+    timings: dict[str, float] = {}
+    with atomic_dir(final) as tmp:
+        t = time.perf_counter()
+        model, tok, figures, logits = _model_and_logits(run, plan, texts, pairs, cfg, tmp)
+        timings["merge_and_verify_s"] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+        reloaded, rtok = _save_and_check(model, tok, plan, tmp, texts, pairs, logits, figures, cfg)
+        timings["reload_check_s"] = round(time.perf_counter() - t, 3)
+        onnx = None
+        if cfg.export.onnx:
+            onnx = export_onnx(
+                reloaded,
+                rtok,
+                tmp / "onnx",
+                texts,
+                pairs,
+                plan.max_length,
+                max(cfg.export.merge_tolerance, 1e-4),
+                logits,
+            )
+            timings["onnx_s"] = onnx["seconds"]
+        del model, reloaded
+        gc.collect()
+        timings["total_s"] = round(time.perf_counter() - t0, 3)
+        lineage = _lineage(cfg, ws, plan, run, evald, key, figures, onnx, timings)
+        write_json(tmp / "lineage.json", lineage)
+        (tmp / "README.md").write_text(
+            render_model_card(lineage, metrics.raw, plan, _read_optional(run / "lr_search.json")), encoding="utf-8"
+        )
+    return ExportResult(
+        str(final), figures, onnx is not None, key, plan.method, False, round(time.perf_counter() - t0, 3), onnx
+    )
+
+
+def _read_optional(path: Path) -> dict | None:
+    from tasks.workspace import read_facts
+
+    return read_facts(path, "learning-rate search record") if path.is_file() else None

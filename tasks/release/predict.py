@@ -1,0 +1,136 @@
+"""`finetune predict`: score a file (CSV in, CSV out) with a registered model `NAME[@VERSION]`.
+
+torch and transformers are imported inside functions (through the loaders), so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.evaluation.scoring import batched_logits, scores_from_logits
+from tasks.files import read_json
+from tasks.model.loading import load_exported_model
+from tasks.workspace import Workspace
+
+
+class PredictError(ValueError):
+    """A problem the user can fix (missing model, version, column or file)."""
+
+
+@dataclass
+class PredictResult:
+    path: str
+    rows: int
+    model: str
+    version: int
+    seconds: float
+
+
+def _read_table(path: Path):
+    import pandas as pd
+
+    if not path.is_file():
+        raise PredictError(f"input file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv", ".txt"):
+        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+    if suffix in (".jsonl", ".json"):
+        return pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
+    if suffix == ".parquet":
+        return pd.read_parquet(path)
+    raise PredictError(f"input file {path}: unsupported type {suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet")
+
+
+def _column(df, name: str, path: Path, option: str) -> list[str]:
+    if name not in df.columns:
+        raise PredictError(
+            f"input file {path} has no column {name!r} (columns: {', '.join(map(str, df.columns))}); "
+            f"fix: rename the column or pass {option} NAME"
+        )
+    return df[name].astype(str).tolist()
+
+
+def predict_frame(
+    df,
+    model_dir: str | Path,
+    lineage: dict[str, Any],
+    thresholds: dict[str, float] | None = None,
+    text_column: str | None = None,
+    text_pair_column: str | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+    source: Path = Path("<input>"),
+):
+    """The input frame plus `prediction`, `score` (and `score_<label>` per label for multi-label)."""
+    data = lineage.get("data", {})
+    text_col = text_column or data.get("text_column") or "text"
+    pair_col = text_pair_column or data.get("text_pair_column")
+    texts = _column(df, text_col, source, "--text-column")
+    pairs = _column(df, pair_col, source, "--text-pair-column") if pair_col else None
+    model, tok = load_exported_model(model_dir, bool(lineage.get("trust_remote_code", False)))
+    problem_type = model.config.problem_type or "single_label_classification"
+    logits = batched_logits(
+        model, tok, texts, pairs, int(lineage.get("max_length") or 512), batch_size, progress, "predict"
+    )
+    scores = scores_from_logits(logits, problem_type)
+    out = df.copy()
+    id2label = {int(k): v for k, v in model.config.id2label.items()}
+    if problem_type == "regression":
+        out["prediction"] = scores[:, 0]
+        out["score"] = scores[:, 0]
+    elif problem_type == "multi_label_classification":
+        names = [id2label[i] for i in range(scores.shape[1])]
+        per_label = (thresholds or {}).get("per_label", thresholds or {})  # evaluation's tuned thresholds
+        cut = np.array([float(per_label.get(n, 0.5)) for n in names])
+        hits = scores >= cut
+        delim = data.get("label_delimiter") or "|"
+        out["prediction"] = [delim.join(n for n, h in zip(names, row, strict=False) if h) for row in hits]
+        out["score"] = scores.max(axis=1)
+        for j, n in enumerate(names):
+            out[f"score_{n}"] = scores[:, j]
+    else:
+        pred = scores.argmax(axis=1)
+        out["prediction"] = [id2label[int(i)] for i in pred]
+        out["score"] = scores[np.arange(len(pred)), pred]
+    return out
+
+
+def predict_file(
+    workspace: str | Path,
+    model_ref: str,
+    input_path: str | Path,
+    output_path: str | Path,
+    batch_size: int = 64,
+    text_column: str | None = None,
+    text_pair_column: str | None = None,
+    progress: bool = True,
+) -> PredictResult:
+    """Score a file with a registered model `NAME[@VERSION]` (default: the production version); write a CSV."""
+    t0 = time.perf_counter()
+    name, version, vdir = Workspace.at(workspace).resolve_ref(model_ref)
+    source = Path(input_path)
+    df = _read_table(source)
+    lineage = read_json(vdir / "lineage.json")
+    metrics = read_json(vdir / "metrics.json") if (vdir / "metrics.json").exists() else {}
+    out = predict_frame(
+        df,
+        vdir / "model",
+        lineage,
+        metrics.get("thresholds"),
+        text_column,
+        text_pair_column,
+        batch_size,
+        progress,
+        source,
+    )
+    dest = Path(output_path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    out.to_csv(tmp, index=False)
+    tmp.replace(dest)
+    return PredictResult(str(dest), len(out), name, version, round(time.perf_counter() - t0, 3))

@@ -1,0 +1,1 @@
+"""Reporting: plots, Prefect artifacts, live progress and the run summary."""

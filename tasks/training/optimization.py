@@ -1,0 +1,70 @@
+"""The optimizer, the learning-rate schedule, mixed precision and the validation pass of the training loop."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from tasks.training.batching import Rows
+from tasks.training.losses import validation_metrics
+
+
+def linear_schedule(optimizer, warmup: int, total: int | None):
+    """Linear warmup over `warmup` steps, then linear decay to zero at `total` (None: no decay)."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if total is None:
+            return 1.0
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return LambdaLR(optimizer, factor)
+
+
+def make_optimizer(model, lr: float, weight_decay: float):
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    try:  # the fused kernel (CPU and CUDA) is several times faster than the per-tensor loop torch picks on CPU
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, lr=lr, foreach=True)
+
+
+def autocast_factory(precision: str, device: str):
+    import torch
+
+    if device.startswith("cuda") and precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return lambda: torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext
+
+
+def evaluate(model, rows: Rows, loss_fn, batch_size: int, device: str, autocast) -> dict:
+    """Validation loss (same objective as training) and task metrics."""
+    import torch
+
+    order = np.argsort(-rows.lengths, kind="stable").tolist()
+    total, outs, ys = 0.0, [], []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(order), batch_size):
+            batch, labels = rows.collate(order[i : i + batch_size], device)
+            with autocast():
+                logits = model(**batch).logits.float()
+            total += float(loss_fn(logits, labels))
+            outs.append(logits.cpu().numpy())
+            ys.append(labels.cpu().numpy())
+    model.train(was_training)
+    out = {"val_loss": total / max(1, len(rows))}
+    out.update(validation_metrics(rows.task, np.concatenate(ys), np.concatenate(outs)))
+    return out

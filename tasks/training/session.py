@@ -1,0 +1,100 @@
+"""One training attempt's state (tasks/training/loop.py runs it), the test hooks, and the metrics.jsonl helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.plan import RunPlan
+from tasks.training.batching import Rows
+
+
+@dataclass
+class Hooks:
+    """Test hooks read from the environment (see the module docstring)."""
+
+    oom_above: int | None = None
+    step_delay: float = 0.0
+    nan_above: float | None = None
+
+    @classmethod
+    def from_env(cls) -> Hooks:
+        oom, nan = os.environ.get("FINETUNE_SIMULATE_OOM_ABOVE"), os.environ.get("FINETUNE_TEST_NAN_ABOVE_LR")
+        return cls(
+            int(oom) if oom else None,
+            float(os.environ.get("FINETUNE_TEST_STEP_DELAY_S", "0") or 0),
+            float(nan) if nan else None,
+        )
+
+
+@dataclass
+class Session:
+    """Everything one training attempt holds: the plan, the model, the data, the optimizer and the progress."""
+
+    run: Path
+    plan: RunPlan
+    rank: int
+    world: int
+    device: str
+    model: Any  # DDP-wrapped when world > 1
+    core: Any  # the model itself
+    tokenizer: Any
+    built: Any
+    train: Rows
+    val: Rows
+    loss_fn: Any
+    optimizer: Any
+    scheduler: Any
+    autocast: Any
+    scaler: Any
+    epochs: int
+    steps_per_epoch: int
+    hooks: Hooks
+    state: dict = field(default_factory=dict)
+    resumed_from: int = 0
+    diverged: bool = False
+    train_seconds: float = 0.0
+    samples: int = 0
+    base_seconds: float = 0.0
+    attempt_t0: float = field(default_factory=time.perf_counter)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run / "checkpoints"
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(f"[train] {msg}", flush=True)
+
+    def seconds(self) -> float:
+        return self.base_seconds + time.perf_counter() - self.attempt_t0
+
+
+def append(path: Path, obj: dict) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(obj) + "\n")
+
+
+def rewrite_metrics(path: Path, upto_step: int) -> None:
+    """After a resume, drop metric lines written after the checkpoint (they are trained again)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= upto_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def last_eval(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    evals = [json.loads(ln) for ln in path.read_text().splitlines() if '"eval"' in ln]
+    return evals[-1] if evals else None
