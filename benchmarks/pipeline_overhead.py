@@ -43,7 +43,7 @@ from tasks.release.export import export_run
 from tasks.release.registry import register_version
 cfg = load_config("configs/demo.yaml", sys.argv[1:])
 p = prepare_dataset(cfg)
-t = tokenize_dataset(p.path, resolve_model(cfg.model), cfg)
+t = tokenize_dataset(p.path, resolve_model(cfg.model, cfg.workspace), cfg)
 r = train_model(cfg, p.path, t.path)
 e = evaluate_run(cfg, r.path)
 x = export_run(cfg, r.path, e.path)

@@ -76,7 +76,7 @@ def run_one(workspace: Path, dataset: str, method: str, recipe: str, max_rows: i
     cfg = config(workspace, dataset, method, recipe, max_rows)
     t0 = time.perf_counter()
     prepared = prepare_dataset(cfg)
-    tokenized = tokenize_dataset(prepared.path, resolve_model(cfg.model), cfg)
+    tokenized = tokenize_dataset(prepared.path, resolve_model(cfg.model, cfg.workspace), cfg)
     ws = Workspace.at(cfg.workspace)
     plan = plan_run(cfg, prepared.path, tokenized.path, ws)
     search, search_s, search_cpu = None, 0.0, 0.0

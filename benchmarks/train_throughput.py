@@ -150,7 +150,7 @@ def main() -> None:
     ]
     cfg0 = load_config(None, base)
     prepared = prepare_dataset(cfg0)
-    model_dir = resolve_model(cfg0.model)
+    model_dir = resolve_model(cfg0.model, cfg0.workspace)
     tokenized = tokenize_dataset(prepared.path, model_dir, cfg0)
     train_dir = Path(tokenized.path) / "train"
     import datasets

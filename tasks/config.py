@@ -73,9 +73,24 @@ class DataConfig(_Section):
     text_column: str = Field("text", description="Column holding the text.")
     text_pair_column: str | None = Field(None, description="Optional second text column (sentence pairs).")
     label_column: str = Field("label", description="Column holding the label(s) or regression target.")
-    task: Literal["auto", "single_label", "multi_label", "regression"] = Field(
+    task: Literal["auto", "single_label", "multi_label", "regression", "sft"] = Field(
         "auto",
-        description="auto: list labels -> multi_label, non-integer numbers -> regression, else single_label.",
+        description="auto: list labels -> multi_label, non-integer numbers -> regression, else single_label; sft: "
+        "instruction tuning of a decoder (prompt/response pairs or chat conversations; see data.sft_format).",
+    )
+    sft_format: Literal["auto", "prompt_response", "alpaca", "messages", "sharegpt"] = Field(
+        "auto",
+        description="sft: the shape of a row. prompt_response: data.prompt_column + data.response_column; alpaca: "
+        "instruction + optional input -> prompt, output -> response; messages: a list of {role, content} in "
+        "data.messages_column; sharegpt: a `conversations` list of {from, value}. auto: from the columns.",
+    )
+    prompt_column: str = Field("prompt", description="sft prompt_response: the column holding the prompt.")
+    response_column: str = Field("response", description="sft prompt_response: the column holding the response.")
+    messages_column: str = Field("messages", description="sft messages: the column holding the conversation.")
+    packing: bool = Field(
+        False,
+        description="sft: pack short examples into rows of data.max_length tokens (positions restart per example; "
+        "no attention across examples). Faster on short data; off keeps one example per row.",
     )
     label_delimiter: str | None = Field(
         None, description="For multi-label data stored as strings, the delimiter between labels (e.g. ',')."
@@ -91,6 +106,12 @@ class DataConfig(_Section):
     max_length: int = Field(128, ge=8, le=32768, description="Tokens per text; longer texts are truncated.")
     max_rows: int | None = Field(
         None, ge=10, description="Optional seeded subsample of the train pool (rows) for quick runs."
+    )
+    on_leakage: Literal["drop", "warn", "error"] = Field(
+        "drop",
+        description="Texts found in train and in validation/test as provided by the source (exactly, or equal after "
+        "normalising case and whitespace): drop them from the training side (default), keep them with a warning "
+        "that lists the rows, or stop with an error.",
     )
 
 
@@ -120,8 +141,10 @@ class MethodConfig(_Section):
     lora_r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scaling = alpha / r).")
     lora_dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA path.")
-    target_modules: Literal["auto"] | list[str] = Field(
-        "auto", description="Modules that get adapters; auto finds the attention projections."
+    target_modules: Literal["auto", "all-linear"] | list[str] = Field(
+        "auto",
+        description="Modules that get adapters: auto finds the attention projections; all-linear: every linear layer "
+        "of the backbone (the QLoRA paper's recipe; the head and lm_head excluded); or a list of module names.",
     )
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="QLoRA 4-bit quantization type.")
     double_quant: bool = Field(True, description="QLoRA double quantization of the quantization constants.")
@@ -233,14 +256,37 @@ class TrainingConfig(_Section):
 class EvaluationConfig(_Section):
     primary_metric: str | None = Field(
         None,
-        description="Metric for the promotion gate; None: f1_macro (single-label), f1_micro (multi-label), r2 (regression).",
+        description="Metric for the promotion gate; None: f1_macro (single-label), f1_micro (multi-label), r2 "
+        "(regression); sft: exact_match when the answers are short (median up to 32 tokens), response_loss otherwise "
+        "(also: perplexity, rouge_l).",
+    )
+    generation_samples: int = Field(
+        64,
+        ge=0,
+        description="sft: test rows (a seeded sample) answered by greedy decoding for exact match and "
+        "ROUGE-L, by the fine-tuned and the base model; 0 skips generation.",
+    )
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="sft: most tokens generated per answer.")
+    forgetting_reference: str | None = Field(
+        "data/reference/general_text.txt",
+        description="sft: a general-text file whose perplexity is measured before and after fine-tuning (the "
+        "forgetting check); None skips it.",
+    )
+    forgetting_max_ratio: float = Field(
+        1.25, gt=1, description="sft: flag forgetting when the reference perplexity after / before exceeds this."
     )
     baselines: bool = Field(True, description="Also score majority and TF-IDF baselines on the same test split.")
     batch_size: int = Field(64, ge=1)
     extra_metrics: list[str] = Field(
         default_factory=list,
-        description="More `evaluate` metrics by name (`name` or `name:config`; Hub ids need a network) or local "
-        "folder; computed on test predictions, failures reported in the evaluation report.",
+        description="More `evaluate` metrics by name (`name` or `name:config`): the shipped modules (classification, "
+        "regression) always; any other name or folder runs that module's code, so it loads only with "
+        "evaluation.trust_metric_code; computed on test predictions, failures reported in the evaluation report.",
+    )
+    trust_metric_code: bool = Field(
+        False,
+        description="Allow evaluation.extra_metrics to load metric modules other than the shipped ones (a local "
+        "folder's or a Hub module's Python code runs on load). Off by default.",
     )
 
 
@@ -273,6 +319,12 @@ class RegistryConfig(_Section):
         False, description="Promote even when production was tested on a different test set (not comparable)."
     )
     lock_timeout_s: float = Field(600, gt=0, description="Seconds to wait for the registry lock of a model name.")
+    must_beat: list[Literal["majority", "tfidf", "base"]] | None = Field(
+        None,
+        description="Baselines a version must beat on the primary metric (by registry.min_delta; a tie is not a win) "
+        "before it can be promoted, the first version included. None: the task's own (majority and tfidf for "
+        "classification, the base model before fine-tuning for sft); [] promotes without the baseline check.",
+    )
 
 
 class RetrainConfig(_Section):
@@ -292,6 +344,21 @@ class RetrainConfig(_Section):
         None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
         description="Name of the data-version log <workspace>/data-versions/<name>.json (None: registry.name).",
+    )
+    drop_folder: str = Field(
+        "data/incoming",
+        description="The folder new data files are dropped into (watched by `finetune watch` and the "
+        "drop-folder sensor); a triggered run accepts files under it.",
+    )
+    allowed_roots: list[str] = Field(
+        default_factory=list,
+        description="More folders a triggered run may read new data from, besides retrain.drop_folder and the folder "
+        "of data.source. A path outside all of them is refused.",
+    )
+    allowed_url_schemes: list[str] = Field(
+        default_factory=list,
+        description="fsspec URL schemes a triggered run may fetch new data from (e.g. [s3, gcs]); none by default, so "
+        "an event naming an http:// or s3:// URL is refused.",
     )
 
 

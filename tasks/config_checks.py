@@ -59,9 +59,14 @@ def _data_source(get: Getter, set_fields) -> list[tuple[str, str]]:
 
 def _data_task(get: Getter, set_fields) -> list[tuple[str, str]]:
     out = []
+    task, given = get("data.task"), set_fields("data")
+    if task == "sft" and "class_weighting" in given and get("data.class_weighting") != "none":
+        out.append(("data.class_weighting", "does not apply to task sft (the loss is on the response tokens)"))
+    if task != "sft" and get("data.packing"):
+        out.append(("data.packing", "only applies to task sft"))
     if get("data.label_delimiter") is not None and get("data.task") not in ("auto", "multi_label"):
         out.append(("data.label_delimiter", "only meaningful for task multi_label"))
-    if get("data.task") == "regression" and get("data.class_weighting") != "none":
+    if task == "regression" and get("data.class_weighting") != "none":
         out.append(("data.class_weighting", "must be 'none' for task regression (MSE has no class weights)"))
     return out
 

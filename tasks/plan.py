@@ -113,6 +113,7 @@ class RunPlan:
     start_adapter_fingerprint: str | None = None
     search: dict = field(default_factory=dict)  # the search's settings (candidates, rungs, keep, metric, ...)
     trial_max_steps: int | None = None
+    packing: bool = False  # sft: short examples packed into rows of max_length tokens
     precision_note: str | None = None
     memory_estimate: dict | None = None
     device_note: str | None = None
@@ -121,7 +122,7 @@ class RunPlan:
     # ---- derived facts ---------------------------------------------------------------------------------
     @property
     def num_labels(self) -> int:
-        return 1 if self.task == "regression" else len(self.labels)
+        return 1 if self.task == "regression" else len(self.labels)  # sft: none
 
     @property
     def problem_type(self) -> str:
@@ -129,6 +130,7 @@ class RunPlan:
             "single_label": "single_label_classification",
             "multi_label": "multi_label_classification",
             "regression": "regression",
+            "sft": "causal_lm",
         }[self.task]
 
     @property

@@ -15,7 +15,9 @@ from typing import Any
 
 from tasks.config import RunConfig
 from tasks.files import sha256_json
-from tasks.workspace import Workspace
+from tasks.workspace import Workspace, WorkspaceError
+
+LOCK_SLACK_S = 600
 
 
 @dataclass(frozen=True)
@@ -33,15 +35,18 @@ class Stage:
         from prefect import task
         from prefect.tasks import exponential_backoff
 
-        from tasks.caching import stage_policy
+        from tasks.caching import RecordSerializer, result_storage, stage_policy
 
+        # a lock held past the stage's timeout (plus the time to store its result) has lost its holder
+        hold = self.timeout_s + LOCK_SLACK_S if self.timeout_s else None
         return task(
             self.fn,
             name=self.name,
             description=self.description,
-            cache_policy=stage_policy(self.name, self.key_fn, self.module, workspace),
+            cache_policy=stage_policy(self.name, self.key_fn, self.module, workspace, hold),
             persist_result=True,
-            result_storage=workspace / "prefect" / "results",
+            result_storage=result_storage(workspace),
+            result_serializer=RecordSerializer(),  # JSON records, never pickles (DESIGN.md rule 11)
             retries=self.retries,
             retry_delay_seconds=exponential_backoff(backoff_factor=2) if self.retries else 0,
             retry_jitter_factor=0.5 if self.retries else None,
@@ -51,12 +56,13 @@ class Stage:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix: reported plainly, never retried."""
+    """Errors that are the user's to fix: reported plainly, never retried (a damaged workspace file fails the same
+    way every time; its WorkspaceError names the file and the fix)."""
     from tasks.config import ConfigError
     from tasks.data.sources import DataError
     from tasks.model.base import ModelSourceError
 
-    return (ConfigError, DataError, ModelSourceError)
+    return (ConfigError, DataError, ModelSourceError, WorkspaceError)
 
 
 def _retry_unless_user_error(task, task_run, state) -> bool:
@@ -86,13 +92,11 @@ def new_data(config: RunConfig, data_source: str, data_sha256: str | None = None
 
 
 def _new_data_key(config: RunConfig, data_source: str, data_sha256: str | None = None) -> tuple[str, Path]:
-    from tasks.data.versions import log_path
+    from tasks.data.versions import drop_sha256, log_path
 
-    content = data_sha256
-    if not content:  # no hash in the event: the file's own content (hashed once, it is small next to training)
-        from tasks.data.watching import hash_url
-
-        content = hash_url(data_source)
+    # the event's hash (checked: 64 hex digits), or the file's own content; the location is checked against the
+    # allowed roots and schemes first, so an unchecked URL is never fetched just to compute a cache key
+    content = drop_sha256(config, data_source, data_sha256)
     key = sha256_json(
         {
             "sha256": content,
@@ -123,14 +127,14 @@ def tokenize(config: RunConfig, prepared):
     from tasks.data.tokenize import tokenize_dataset
     from tasks.model.base import resolve_model
 
-    return tokenize_dataset(prepared.path, resolve_model(config.model), config)
+    return tokenize_dataset(prepared.path, resolve_model(config.model, config.workspace), config)
 
 
 def _tokenize_key(config: RunConfig, prepared) -> tuple[str, Path]:
     from tasks.data.tokenize import tokenized_dir
     from tasks.model.base import resolve_model
 
-    path = tokenized_dir(config, prepared.fingerprint, resolve_model(config.model))
+    path = tokenized_dir(config, prepared.fingerprint, resolve_model(config.model, config.workspace))
     return path.name, path
 
 
@@ -198,8 +202,14 @@ def train(config: RunConfig, planned: PlanRecord, rate: float, search: dict | No
 
 
 def _train_key(config: RunConfig, planned: PlanRecord, rate: float, search: dict | None = None) -> tuple[str, Path]:
+    from tasks.plan import RunPlan
+
     key = read_plan(planned).with_rate(rate, "key").run_key()
-    return key, workspace_of(config).run(key) / "model"
+    run = workspace_of(config).run(key)
+    if (run / "model").is_dir():  # a finished run's facts must be readable (a WorkspaceError names the damage)
+        Workspace.read_summary(run)
+        RunPlan.read(run)
+    return key, run / "model"
 
 
 def _loss_curve(run: Path) -> None:

@@ -42,6 +42,11 @@ class RegistryError(ValueError):
     """A registry request that cannot be met (unknown or invalid model name, unknown version, incomplete export)."""
 
 
+class RegistryFileError(WorkspaceError, RegistryError):
+    """A damaged registry file (aliases.json, version.json): both a workspace and a registry error, so that whatever
+    reports registry errors plainly reports it plainly too."""
+
+
 def check_name(name: str, what: str = "model name") -> str:
     """A name that becomes a folder: letters, digits, '_', '.', '-', not starting with a dot; never a path."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in (".", ".."):
@@ -52,23 +57,27 @@ def check_name(name: str, what: str = "model name") -> str:
     return name
 
 
-def read_facts(path: str | Path, what: str = "file") -> dict:
-    """A JSON object from the workspace, or a WorkspaceError that names the file and how to recover."""
+def read_facts(
+    path: str | Path, what: str = "file", error: type[WorkspaceError] = WorkspaceError, fix: str | None = None
+) -> dict:
+    """A JSON object from the workspace, or a WorkspaceError (`error`) that names the file and how to recover
+    (`fix`; by default: delete the folder and run again, for what the pipeline rebuilds from its inputs)."""
     p = Path(path)
     try:
         data = read_json(p)
     except FileNotFoundError:
-        raise WorkspaceError(
-            f"{p} does not exist: the {what} is incomplete; fix: run the pipeline again (it rebuilds what is missing)"
+        raise error(
+            f"{p} does not exist: the {what} is incomplete; "
+            f"fix: {fix or 'run the pipeline again (it rebuilds what is missing)'}"
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WorkspaceError(
+        raise error(
             f"{p} is not readable JSON ({type(exc).__name__}: {exc}); the {what} is damaged; "
-            f"fix: delete {p.parent} and run again (it is rebuilt from its inputs)"
+            f"fix: {fix or f'delete {p.parent} and run again (it is rebuilt from its inputs)'}"
         ) from None
     if not isinstance(data, dict):
-        raise WorkspaceError(
-            f"{p} holds a {type(data).__name__}, not a JSON object; fix: delete {p.parent} and run again"
+        raise error(
+            f"{p} holds a {type(data).__name__}, not a JSON object; fix: {fix or f'delete {p.parent} and run again'}"
         )
     return data
 
@@ -307,7 +316,13 @@ class Workspace:
 
     def aliases(self, name: str) -> dict:
         p = self.model_root(name) / "aliases.json"
-        return read_facts(p, "registry alias file") if p.is_file() else {"production": None, "production_history": []}
+        if not p.is_file():
+            return {"production": None, "production_history": []}
+        fix = (
+            f"delete {p} and set production again with `finetune registry promote {name} VERSION` "
+            f"(past promotions are in {p.parent / 'history.jsonl'})"
+        )
+        return read_facts(p, "registry alias file", RegistryFileError, fix)
 
     def registered_root(self, name: str) -> Path:
         """The model's registry folder, or a RegistryError listing what is registered."""
@@ -327,7 +342,9 @@ class Workspace:
         return self.aliases(name).get("production")
 
     def version_facts(self, name: str, version: int) -> dict:
-        return read_facts(self.version_dir(name, version) / "version.json", "registered version")
+        vdir = self.version_dir(name, version)
+        fix = f"restore {vdir / 'version.json'} from a backup, or delete {vdir} to drop version {version}"
+        return read_facts(vdir / "version.json", "registered version", RegistryFileError, fix)
 
     def resolve_ref(self, ref: str) -> tuple[str, int, Path]:
         """`NAME` (production) or `NAME@VERSION` -> (name, version, version folder)."""

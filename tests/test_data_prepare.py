@@ -96,7 +96,7 @@ def test_splits_are_seeded_and_keep_duplicates_in_one_split(workspace, tmp_path)
         assert load_split(again.path, s)["id"].tolist() == load_split(r.path, s)["id"].tolist()
 
 
-def test_provided_splits_are_kept_and_leakage_is_warned(workspace, tmp_path):
+def test_provided_splits_are_kept_and_leaked_train_rows_are_dropped(workspace, tmp_path):
     train_rows = toy_rows(60)
     test_rows = toy_rows(15, seed=3) + [train_rows[0]]
     train = write_csv(tmp_path / "train.csv", train_rows)
@@ -104,8 +104,10 @@ def test_provided_splits_are_kept_and_leakage_is_warned(workspace, tmp_path):
     r = prepare_dataset(_cfg(workspace, {"train": str(train), "test": str(test)}))
     m = _manifest(r)
     assert m["splits"]["test"]["rows"] == len(test_rows)
-    assert m["splits"]["train"]["rows"] + m["splits"]["validation"]["rows"] == len(train_rows)
-    assert any(w.startswith("leakage: 1 text(s) occur in both train and test") for w in m["warnings"])
+    assert (
+        m["splits"]["train"]["rows"] + m["splits"]["validation"]["rows"] == len(train_rows) - 1
+    )  # data.on_leakage=drop
+    assert any(w.startswith("leakage: dropped 1 train row whose text is also in test") for w in m["warnings"])
     assert any("validation carved out of train" in n for n in m["notes"])
 
 
@@ -131,13 +133,13 @@ def test_saved_datasets_folder_source(workspace, tmp_path):
     assert m["splits"]["test"]["rows"] == 12 and m["labels"] == ["neg", "neu", "pos"]
 
 
-def test_imbalance_and_long_text_warnings(workspace, tmp_path):
+def test_imbalance_warning_and_no_word_count_truncation_estimate(workspace, tmp_path):
     rows = [{"text": f"common message number {i}", "label": "common"} for i in range(400)]
     rows += [{"text": f"rare message {i}", "label": "rare"} for i in range(3)]
     rows += [{"text": " ".join(["word"] * 300) + f" {i}", "label": "common"} for i in range(10)]
     m = _manifest(prepare_dataset(_cfg(workspace, write_csv(tmp_path / "d.csv", rows))))
     assert any(w.startswith("extreme imbalance") and "'rare'" in w for w in m["warnings"])
-    assert any("longer than ~128 tokens" in w for w in m["warnings"])
+    assert not any("tokens" in w for w in m["warnings"])  # truncation is counted in tokens, in tokenized.json
 
 
 def test_effective_number_and_no_weights(workspace, tmp_path):

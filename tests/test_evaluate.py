@@ -219,6 +219,7 @@ def test_extra_metrics_computed_or_reported(tmp_path, workspace, tiny_bert):
     cfg, prepared = _prepare(tmp_path, workspace, toy_rows(60), split={"validation": 0.2, "test": 0.2})
     cfg.evaluation.baselines = False
     cfg.evaluation.extra_metrics = [f"{METRICS_DIR / 'classification'}:single_label", "no_such_metric_xyz"]
+    cfg.evaluation.trust_metric_code = True  # a folder path and a Hub name run their module's code
     res = evaluate_run(cfg, str(make_run(workspace, prepared, tiny_bert)))
     m = read_json(Path(res.path) / "metrics.json")
     local = m["extra_metrics"][cfg.evaluation.extra_metrics[0]]

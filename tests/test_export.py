@@ -160,7 +160,10 @@ def make_eval(workspace: Path, run: Path, value: float = 0.8, metric: str = "f1_
             "metrics": {metric: value, "accuracy": value + 0.01},
             "per_class": {},
             "confusion_matrix": {"labels": [], "matrix": []},
-            "baselines": {"majority": {metric: 0.2, "accuracy": 0.33}, "tfidf": {metric: 0.6, "accuracy": 0.62}},
+            "baselines": {
+                "majority": {"metrics": {metric: 0.2, "accuracy": 0.33}},
+                "tfidf": {"metrics": {metric: 0.6, "accuracy": 0.62}},
+            },
             "comparison": {"beats_tfidf": value > 0.6},
         },
     )
@@ -273,7 +276,8 @@ def test_export_folder_contents_card_lineage_and_adapter(lora_export, tiny_bert)
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
     metrics = {m["type"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
-    assert metrics["f1_macro"] == 0.8 and front["base_model"] == str(tiny_bert)
+    assert metrics["f1_macro"] == 0.8 and front["finetune"]["base_model"] == tiny_bert.name  # a folder's name,
+    assert "base_model" not in front  # not its path; the Hub's base_model only for a Hub id (tests/test_security.py)
     assert front["finetune"]["method"] == "lora" and front["finetune"]["dataset_fingerprint"] == prepared_fp(run)
     assert "tfidf baseline" in card and "max |logit difference|" in card and "identical predictions" in card
 

@@ -47,6 +47,8 @@ def cli_run(ws: Path, data: Path, model: Path, home: Path, out: Path, prelude: s
         "data.max_length=32",
         "--set",
         "registry.name=toy",
+        "--set",  # tiny model, toy data: TF-IDF is near perfect; these tests are about faults, not the quality gate
+        "registry.must_beat=[]",
     ]
     code = f"import sys\n{prelude}\nsys.argv = ['finetune'] + {args!r}\nfrom tasks.cli import main\nmain()\n"
     return subprocess.Popen(
@@ -342,7 +344,13 @@ def fake_export(ws: Path, value: float, tag: str) -> tuple[Path, Path]:
     )
     write_json(
         ev / "metrics.json",
-        {"task": "single_label", "split": "test", "primary_metric": "f1_macro", "metrics": {"f1_macro": value}},
+        {
+            "task": "single_label",
+            "split": "test",
+            "primary_metric": "f1_macro",
+            "metrics": {"f1_macro": value},
+            "baselines": {"majority": {"metrics": {"f1_macro": 0.0}}, "tfidf": {"metrics": {"f1_macro": 0.0}}},
+        },
     )
     return exp, ev
 

@@ -189,7 +189,13 @@ def test_primary_metric_defaults_and_validation():
 def test_extra_metric_local_path_loads_and_hub_name_fails_clearly():
     from tasks.evaluation.metrics import METRICS_DIR
 
-    m = load_extra_metric(f"{METRICS_DIR / 'classification'}:single_label")
+    # a folder path runs that folder's code: the trusted path (evaluation.trust_metric_code)
+    m = load_extra_metric(f"{METRICS_DIR / 'classification'}:single_label", trust_code=True)
     assert m.compute(predictions=[1, 1], references=[1, 0])["accuracy"] == 0.5
     with pytest.raises(MetricError, match="extra metric 'no_such_metric_xyz' could not be loaded.*network"):
-        load_extra_metric("no_such_metric_xyz")
+        load_extra_metric("no_such_metric_xyz", trust_code=True)
+    # without trust: the shipped modules by name only (refusals: tests/test_security.py)
+    shipped = load_extra_metric("classification:single_label")
+    assert shipped.compute(predictions=[1, 0], references=[1, 1])["accuracy"] == 0.5
+    with pytest.raises(MetricError, match="not one of the shipped metric modules.*trust_metric_code"):
+        load_extra_metric(f"{METRICS_DIR / 'classification'}:single_label")

@@ -28,7 +28,8 @@ def test_retrain_continues_from_the_production_adapter(tmp_path, learnable_bert)
     from conftest import train_model
 
     data = write_csv(tmp_path / "d.csv", toy_rows(90))
-    extra = ["training.learning_rate=0.01", "registry.name=toy"]
+    # registry.must_beat=[]: the toy data is TF-IDF's home ground; this test is about continuing from production
+    extra = ["training.learning_rate=0.01", "registry.name=toy", "registry.must_beat=[]"]
     base_cfg = make_cfg(tmp_path / "ws", data, learnable_bert, "single_label", "lora", extra)
     first, reg = _register_production(base_cfg, learnable_bert)
     assert reg.promoted and reg.version == 1

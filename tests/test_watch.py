@@ -315,7 +315,8 @@ def test_replace_and_errors(tmp_path, workspace):
     from tasks.data.prepare import dataset_fingerprint
     from tasks.data.versions import apply_new_data, list_versions
 
-    cfg = _cfg(workspace, str(write_csv(tmp_path / "base.csv", toy_rows(60))), policy="replace")
+    base = write_csv(tmp_path / "base.csv", toy_rows(60))
+    cfg = _cfg(workspace, str(base), policy="replace", allowed_url_schemes=["memory"])  # URLs only when listed
     fs = fsspec.filesystem("memory")
     data = pd.DataFrame(toy_rows(90, seed=5)).to_csv(index=False).encode()
     fs.pipe("/finetune-test-replace/full.csv", data)
@@ -329,7 +330,7 @@ def test_replace_and_errors(tmp_path, workspace):
         with pytest.raises(DataError, match="content changed since the event"):
             apply_new_data(cfg, url, "0" * 64)
         fs.pipe("/finetune-test-replace/bad.csv", b"words,label\nhi,pos\n")
-        with pytest.raises(DataError, match="no column\\(s\\) 'text'"):
+        with pytest.raises(DataError, match="no column\\(s\\) 'text' \\(expected columns: text, label"):
             apply_new_data(cfg, "memory:///finetune-test-replace/bad.csv")
         with pytest.raises(DataError, match="does not exist"):
             apply_new_data(cfg, str(tmp_path / "gone.csv"))

@@ -50,13 +50,26 @@ def config_show(config: ConfigArg, set_: SetOpt = None) -> None:
 
 
 @data_app.command("prepare")
-def data_prepare(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Load, validate and split the data; write a content-addressed prepared dataset."""
+def data_prepare(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    tokenize: Annotated[
+        bool,
+        typer.Option("--tokenize/--no-tokenize", help="Also tokenize for the model: truncation is counted in tokens."),
+    ] = True,
+) -> None:
+    """Load, validate and split the data (and tokenize it); write content-addressed folders; print the warnings."""
     cfg = _load(config, set_)
+    tokenized = None
     try:
         from tasks.data.prepare import prepare_dataset
 
         result = prepare_dataset(cfg)
+        if tokenize:
+            from tasks.data.tokenize import tokenize_dataset
+            from tasks.model.base import resolve_model
+
+            tokenized = tokenize_dataset(result.path, resolve_model(cfg.model, cfg.workspace), cfg)
     except _user_errors() as exc:
         _fail(exc)
     state = "reused (same data and settings)" if result.reused else "written"
@@ -67,6 +80,18 @@ def data_prepare(config: ConfigArg, set_: SetOpt = None) -> None:
     )
     typer.echo(f"  manifest: {Path(result.path) / 'manifest.json'}")
     typer.echo(f"  report:   {Path(result.path) / 'report.md'}")
+    if tokenized is not None:
+        typer.echo(f"tokenized {tokenized.key}: {'reused' if tokenized.reused else 'written'}")
+    from tasks.workspace import Workspace
+
+    warnings = Workspace.read_dataset(result.path).warnings + (tokenized.warnings if tokenized else [])
+    for w in warnings:
+        typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
+
+
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Show every library's output (Prefect, transformers).")
+]
 
 
 def _check_writable(path: Path | None) -> None:
@@ -109,14 +134,52 @@ def _quiet_user_error_tracebacks() -> None:
                 handler.addFilter(f)
 
 
+# Library output that is not ours stays off the terminal (it still reaches the run log and the dashboard, and the
+# training child's log file); `--verbose` shows everything. Set before prefect/transformers are imported.
+QUIET_ENV = {
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",  # Prefect's INFO lines and task tracebacks: the run log
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # the temporary server's telemetry (it wrote "database is locked")
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # weight-loading bars
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # tokenizer map bars
+    "TRANSFORMERS_VERBOSITY": "error",  # load reports in this process (the training child keeps its warnings)
+    "FINETUNE_QUIET": "1",
+}
+
+
+def quiet_libraries(verbose: bool) -> None:
+    import os
+
+    if not verbose:
+        for k, v in QUIET_ENV.items():
+            os.environ.setdefault(k, v)
+
+
 class _StageView(logging.Handler):
-    """Shows the flow's stage records (logger `finetune.progress`) as one live line per stage."""
+    """The live view of a run: one line per finished stage and a progress bar while the model trains (epoch,
+    step, loss, rate, time left), from the flow's records on the `finetune.progress` logger."""
 
     MARKS = {"Completed": "[green]done[/]", "Cached": "[cyan]cached[/]", "Failed": "[red]failed[/]"}
 
     def __init__(self, console, status):
         super().__init__(logging.INFO)
-        self.console, self.status = console, status
+        self.console, self.status, self.started = console, status, None
+
+    def _progress(self, record) -> None:
+        fraction = float(getattr(record, "fraction", 0.0))
+        now = time.perf_counter()
+        if self.started is None or fraction <= 0:
+            self.started = (now, fraction)
+        t0, f0 = self.started
+        rate = (fraction - f0) / max(now - t0, 1e-9)
+        eta = f"{(1 - fraction) / rate:.0f} s left" if rate > 0 else "estimating"
+        width = 24
+        bar = "█" * int(width * fraction) + "·" * (width - int(width * fraction))
+        loss = getattr(record, "loss", None)
+        self.status.update(
+            f"train {bar} {fraction:4.0%}  epoch {record.epoch:.2f}/{record.epochs}  step "
+            f"{record.step}  loss {loss if loss is None else f'{loss:.4f}'}  {eta}"
+        )
 
     def emit(self, record) -> None:
         stage, state, seconds = (
@@ -126,7 +189,10 @@ class _StageView(logging.Handler):
         )
         if stage is None:
             return
-        if state == "Running":
+        if state == "Progress":
+            self._progress(record)
+        elif state == "Running":
+            self.started = None
             self.status.update(f"{stage} ...")
         else:
             self.console.print(f"  {stage:<14} {self.MARKS.get(state, state)}  {seconds:.1f} s")
@@ -194,7 +260,11 @@ def _print_outcome(summary: dict) -> None:
         f"  model:  {summary.get('model_dir')}  (version {summary.get('version')}, "
         f"{'promoted to production' if summary.get('promoted') else 'not promoted'})"
     )
+    if not summary.get("promoted") and summary.get("decision"):
+        typer.echo(f"  gate:   {summary['decision']}")
     typer.echo(f"  report: {summary.get('report')}")
+    for w in summary.get("warnings") or []:
+        typer.secho(w, fg=typer.colors.YELLOW, err=True)
 
 
 @app.command("run")
@@ -204,9 +274,11 @@ def run(
     summary_json: Annotated[
         Path | None, typer.Option("--summary-json", help="Write a machine-readable summary here.")
     ] = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run the whole pipeline as a Prefect flow: data, training, evaluation, export, registry."""
     t0 = time.perf_counter()
+    quiet_libraries(verbose)
     cfg = _load(config, set_)
     _check_writable(summary_json)
     _print_outcome(_run_flow(cfg, summary_json, t0))
@@ -218,9 +290,11 @@ def demo(
     summary_json: Annotated[
         Path | None, typer.Option("--summary-json", help="Write a machine-readable summary here.")
     ] = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run the pipeline on the bundled demo data with the bundled MiniLM (configs/demo.yaml)."""
     t0 = time.perf_counter()
+    quiet_libraries(verbose)
     path = Path("configs/demo.yaml")
     if not path.exists():
         _fail(ConfigError([("(file)", "configs/demo.yaml not found; run `finetune demo` from the project folder")]))

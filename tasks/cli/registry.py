@@ -1,5 +1,6 @@
 """`finetune registry list|show|promote|rollback` and `finetune predict`. Wired into the app (tasks/cli/app.py) with
-`register(app)`. Only the predict command imports torch/transformers, and only when it runs."""
+`register(app)`. Only the predict command imports torch/transformers, and only when it runs. A model name is checked
+where it becomes a path (tasks/workspace.py check_name): `../x` or `/x` exits with code 2 and touches nothing."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Annotated
 import typer
 
 from tasks.cli.common import fail as _fail
+from tasks.workspace import WorkspaceError
 
 WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="The pipeline workspace (holds registry/).")]
 NameArg = Annotated[str, typer.Argument(help="Registered model name.")]
@@ -34,7 +36,7 @@ def registry_list(
                 typer.echo(f"no registered models in {workspace / 'registry'}")
             return
         rows = list_versions(workspace, name)
-    except RegistryError as exc:
+    except (RegistryError, WorkspaceError) as exc:  # an invalid name, a damaged registry file
         _fail(exc)
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))
@@ -58,7 +60,7 @@ def registry_show(
 
     try:
         typer.echo(json.dumps(show_version(workspace, name, version), indent=2, default=str))
-    except RegistryError as exc:
+    except (RegistryError, WorkspaceError) as exc:  # an invalid name, a damaged registry file
         _fail(exc)
 
 
@@ -73,7 +75,7 @@ def registry_promote(
 
     try:
         r = promote(workspace, name, version, reason)
-    except RegistryError as exc:
+    except (RegistryError, WorkspaceError) as exc:  # an invalid name, a damaged registry file
         _fail(exc)
     typer.echo(f"{name}: production is version {r['production']} (was {r['previous']})")
 
@@ -84,7 +86,7 @@ def registry_rollback(name: NameArg, workspace: WorkspaceOpt = Path("workspace")
 
     try:
         r = rollback(workspace, name)
-    except RegistryError as exc:
+    except (RegistryError, WorkspaceError) as exc:  # an invalid name, a damaged registry file
         _fail(exc)
     typer.echo(f"{name}: production rolled back to version {r['production']} (was {r['previous']})")
 
@@ -100,14 +102,19 @@ def predict(
     text_pair_column: Annotated[str | None, typer.Option(help="Second text column for pair models.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Texts per forward pass.")] = 64,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    max_new_tokens: Annotated[
+        int, typer.Option(min=1, help="Instruction-tuned models: most tokens generated per answer (greedy).")
+    ] = 128,
 ) -> None:
-    """Score a file with a registered model."""
+    """Score a file with a registered model (an instruction-tuned one answers each prompt: column `response`)."""
     from tasks.release.predict import PredictError, predict_file
     from tasks.release.registry import RegistryError
 
     try:
-        r = predict_file(workspace, model, input, output, batch_size, text_column, text_pair_column, progress)
-    except (PredictError, RegistryError) as exc:
+        r = predict_file(
+            workspace, model, input, output, batch_size, text_column, text_pair_column, progress, max_new_tokens
+        )
+    except (PredictError, RegistryError, WorkspaceError) as exc:
         _fail(exc)
     typer.echo(f"{r.rows} rows scored with {r.model} version {r.version} -> {r.path} ({r.seconds:.1f}s)")
 

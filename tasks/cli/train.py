@@ -32,7 +32,7 @@ def train_command(config: ConfigArg, set_: SetOpt = None) -> None:
             f"dataset {prepared.fingerprint}: {'reused' if prepared.reused else 'written'} "
             f"({', '.join(f'{k} {v}' for k, v in prepared.rows.items())})"
         )
-        tokenized = tokenize_dataset(prepared.path, resolve_model(cfg.model), cfg)
+        tokenized = tokenize_dataset(prepared.path, resolve_model(cfg.model, cfg.workspace), cfg)
         typer.echo(f"tokenized {tokenized.key}: {'reused' if tokenized.reused else 'written'}")
         result = train_from_config(cfg, prepared.path, tokenized.path)
     except _user_errors() as exc:
@@ -74,7 +74,7 @@ def estimate_command(
         t = cfg.training
         micro, _ = batch_plan(t.effective_batch_size, t.processes, t.micro_batch_size)
         est = estimate_memory(
-            resolve_model(cfg.model),
+            resolve_model(cfg.model, cfg.workspace),
             cfg.method.model_dump(mode="json"),
             micro_batch_size=micro,
             max_length=cfg.data.max_length,

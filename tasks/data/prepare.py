@@ -14,13 +14,15 @@ import pandas as pd
 
 from tasks.config import DataConfig, RunConfig
 from tasks.data.report import data_report
-from tasks.data.sources import load_source, source_files, source_hashes
-from tasks.data.splits import _group_keys, class_weights, label_counts, make_splits
-from tasks.data.validation import _where, validate
-from tasks.files import atomic_dir, read_json, sha256_json, write_json
-from tasks.workspace import Workspace
+from tasks.data.sft_data import check_sft
+from tasks.data.sources import _where, load_source, source_files, source_hashes
+from tasks.data.splits import SPLITS, _group_keys, class_weights, label_counts, make_splits
+from tasks.data.validation import check_data
+from tasks.files import atomic_dir, sha256_json, write_json
+from tasks.workspace import Workspace, WorkspaceError, read_facts
 
-DATA_STAGE_VERSION = "1"
+DATA_STAGE_VERSION = "2"  # 2: numeric labels canonical, leaked rows dropped, no word-count truncation estimate
+TASKS = ("single_label", "multi_label", "regression", "sft")
 
 
 @dataclass
@@ -35,9 +37,12 @@ class PreparedData:
     reused: bool
 
 
-def data_warnings(raw_frames: dict, splits: dict, task: str, labels: list[str], cfg: DataConfig) -> list[str]:
-    """Problems worth a look that do not stop the run."""
+def data_warnings(raw_frames: dict, splits: dict, task: str, labels: list[str]) -> list[str]:
+    """Problems worth a look that do not stop the run (leakage is named in validation; truncation, counted in
+    tokens, in the tokenized folder's tokenized.json)."""
     warnings = []
+    if task == "sft":
+        return _sft_warnings(raw_frames)
     for name, df in raw_frames.items():
         where = name or "the data"
         lab = df["label"].map(lambda v: tuple(v) if isinstance(v, (list, np.ndarray)) else v)
@@ -52,14 +57,6 @@ def data_warnings(raw_frames: dict, splits: dict, task: str, labels: list[str], 
             warnings.append(
                 f"{int(g[conflict].nunique())} text(s) in {where} carry different labels (e.g. {_where(df, conflict)[0]})"
             )
-    if len(raw_frames) > 1:
-        keys = {s: set(_group_keys(df)) for s, df in raw_frames.items()}
-        names = list(keys)
-        for i, a in enumerate(names):
-            for b in names[i + 1 :]:
-                both = keys[a] & keys[b]
-                if both:
-                    warnings.append(f"leakage: {len(both)} text(s) occur in both {a} and {b} as provided by the source")
     if task != "regression":
         counts = label_counts(splits["train"], task, labels)
         total = len(splits["train"])
@@ -70,16 +67,6 @@ def data_warnings(raw_frames: dict, splits: dict, task: str, labels: list[str], 
             )
         elif rare:
             warnings.append(f"{len(rare)} label(s) on under 1 % of train rows: {', '.join(rare[:6])}")
-    all_rows = pd.concat(list(splits.values()), ignore_index=True)
-    words = all_rows["text"].str.split().str.len() + (
-        all_rows["text_pair"].str.split().str.len() if "text_pair" in all_rows else 0
-    )
-    long = (words * 1.3 > cfg.max_length).mean() if len(all_rows) else 0.0
-    if long > 0:
-        warnings.append(
-            f"{long:.1%} of rows are longer than ~{cfg.max_length} tokens (estimated at 1.3 tokens/word) and will be truncated; "
-            "raise data.max_length if the end of the text matters"
-        )
     return warnings
 
 
@@ -95,6 +82,18 @@ def dataset_fingerprint(cfg: DataConfig, hashes: dict[str, str] | None = None) -
     return sha256_json({"sources": sources, "settings": settings, "version": DATA_STAGE_VERSION})[:20]
 
 
+def _sft_warnings(raw_frames: dict) -> list[str]:
+    warnings = []
+    for name, df in raw_frames.items():
+        dup = df.duplicated(subset=["text", "response"])
+        if dup.any():
+            warnings.append(
+                f"{int(dup.sum())} exact duplicate example(s) in {name or 'the data'} (e.g. "
+                f"{_where(df, dup)[0]}); they are kept together in one split"
+            )
+    return warnings
+
+
 def prepare_dataset(cfg: RunConfig) -> PreparedData:
     """Load, validate, split and weight; write `<workspace>/datasets/<fingerprint>/` once."""
     t0 = time.perf_counter()
@@ -102,27 +101,29 @@ def prepare_dataset(cfg: RunConfig) -> PreparedData:
     hashes = source_hashes(dcfg.source)
     fp = dataset_fingerprint(dcfg, hashes)
     final = Workspace.at(cfg.workspace).dataset(fp)
-    if (final / "manifest.json").exists():
-        m = read_json(final / "manifest.json")
+    if final.exists():
+        m = verified_manifest(final, fp, dcfg)
         return PreparedData(
             str(final), fp, m["task"], m["labels"], {s: v["rows"] for s, v in m["splits"].items()}, True
         )
-    raw = load_source(dcfg.source, hashes)
-
-    frames, task, labels, _ = validate(raw, dcfg)
+    raw = load_source(dcfg.source, hashes, collect=True)
+    checked = check_sft(raw, dcfg) if dcfg.task == "sft" else check_data(raw, dcfg)
+    frames, task, labels = checked.frames, checked.task, checked.labels
     splits, notes = make_splits(frames, task, labels, dcfg)
     weights = class_weights(splits["train"], task, labels, dcfg)
-    warnings = data_warnings(frames, splits, task, labels, dcfg)
     manifest = {
         "fingerprint": fp,
         "sources": raw.sources,
         "task": task,
         "labels": labels,
-        "columns": {"text": "text", "text_pair": "text_pair" if dcfg.text_pair_column else None, "label": "label"},
+        "columns": {"text": "text", "text_pair": "text_pair" if dcfg.text_pair_column else None, "label": "label"}
+        if task != "sft"
+        else {"text": "text", "response": "response", "messages": "messages"},
         "splits": {s: {"rows": len(df), "label_counts": label_counts(df, task, labels)} for s, df in splits.items()},
-        "class_weighting": dcfg.class_weighting if task != "regression" else "none",
+        "class_weighting": dcfg.class_weighting if task not in ("regression", "sft") else "none",
         "class_weights": weights,
-        "warnings": warnings,
+        "leakage": checked.leakage,
+        "warnings": checked.warnings + data_warnings(frames, splits, task, labels),
         "notes": notes,
         "settings": dcfg.model_dump(mode="json"),
         "data_stage_version": DATA_STAGE_VERSION,
@@ -130,6 +131,7 @@ def prepare_dataset(cfg: RunConfig) -> PreparedData:
     }
     if task == "regression":
         manifest["target_stats"] = {s: _target_stats(df["label"]) for s, df in splits.items()}
+    manifest["facts_sha256"] = _facts_digest(manifest)
     with atomic_dir(final) as tmp:
         for s, df in splits.items():
             df.drop(columns=["_file", "_row"]).to_parquet(tmp / f"{s}.parquet", index=False)
@@ -137,6 +139,51 @@ def prepare_dataset(cfg: RunConfig) -> PreparedData:
         write_json(tmp / "manifest.json", manifest)
         (tmp / "report.md").write_text(data_report(manifest), encoding="utf-8")
     return PreparedData(str(final), fp, task, labels, {s: len(df) for s, df in splits.items()}, False)
+
+
+def _facts_digest(m: dict) -> str:
+    """A hash of the facts later stages rely on, so a manifest edited by hand is not reused as if it were built."""
+    keys = ("fingerprint", "task", "labels", "columns", "splits", "class_weighting", "class_weights", "settings")
+    return sha256_json({k: m.get(k) for k in keys})
+
+
+def verified_manifest(folder: Path, fp: str, cfg: DataConfig) -> dict:
+    """The manifest of a prepared folder about to be reused, checked against its fingerprint, the settings and
+    its own digest; a damaged or edited one is a WorkspaceError naming the file and the fix."""
+    path = folder / "manifest.json"
+    if not path.exists():
+        raise WorkspaceError(
+            f"{path} does not exist, but its folder does: the prepared dataset is damaged; "
+            f"fix: delete {folder} and run again (it is rebuilt from the data)"
+        )
+    m = read_facts(path, "prepared dataset")
+    problems = []
+    if m.get("fingerprint") != fp or folder.name != fp:
+        problems.append(
+            f"its fingerprint {m.get('fingerprint')!r} is not the folder's ({folder.name}) or this data's ({fp})"
+        )
+    if m.get("task") not in TASKS or (cfg.task != "auto" and m.get("task") != cfg.task):
+        problems.append(f"its task {m.get('task')!r} is not {cfg.task if cfg.task != 'auto' else ' or '.join(TASKS)}")
+    labels = m.get("labels")
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        problems.append(f"its labels {labels!r} are not a list of names")
+    splits = m.get("splits")
+    if not isinstance(splits, dict) or set(splits) != set(SPLITS):
+        problems.append(f"its splits are not {', '.join(SPLITS)}")
+    missing = [s for s in SPLITS if not (folder / f"{s}.parquet").is_file()]
+    if missing:
+        problems.append(f"{', '.join(f'{s}.parquet' for s in missing)} missing beside it")
+    settings = {k: v for k, v in (m.get("settings") or {}).items() if k != "source"}
+    if settings != cfg.model_dump(mode="json", exclude={"source"}):
+        problems.append("its data settings are not this run's")
+    if not problems and m.get("facts_sha256") != _facts_digest(m):
+        problems.append("its facts do not match the digest written with them (facts_sha256)")
+    if problems:
+        raise WorkspaceError(
+            f"{path} does not describe the dataset this folder should hold: {'; '.join(problems)}; it was edited or "
+            f"damaged; fix: delete {folder} and run again (it is rebuilt from the data)"
+        )
+    return m
 
 
 def _target_stats(y: pd.Series) -> dict[str, float]:

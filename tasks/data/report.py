@@ -14,11 +14,24 @@ def data_report(m: dict) -> str:
     lines = [f"# Prepared dataset `{m['fingerprint']}`", ""]
     lines += [
         f"- task: **{m['task']}**",
-        f"- labels ({len(m['labels'])}): {', '.join(m['labels']) or '(regression target)'}",
+        f"- labels ({len(m['labels'])}): {', '.join(m['labels']) or '(regression target)'}"
+        if m["task"] != "sft"
+        else "- instruction data: conversations that end with the assistant's answer",
     ]
     lines += ["- sources: " + ", ".join(f"`{f}` (sha256 {h[:12]}…)" for f, h in m["sources"].items())]
     lines += [f"- class weighting: `{m['class_weighting']}`"] + [f"- {n}" for n in m.get("notes", [])]
+    leak = m.get("leakage") or {}
+    if leak.get("pairs"):
+        found = ", ".join(f"{pair} {n}" for pair, n in leak["pairs"].items())
+        lines += [
+            f"- leakage between the provided splits (data.on_leakage=`{leak['policy']}`): {found} row(s); "
+            f"dropped {leak.get('dropped_train_rows', 0)} train row(s)"
+        ]
     lines += ["", "## Splits", ""]
+    if m["task"] == "sft":
+        lines.append(_table(["split", "examples"], [[s, v["rows"]] for s, v in m["splits"].items()]))
+        lines += ["", "## Warnings", ""]
+        return "\n".join(lines + ([f"- {w}" for w in m["warnings"]] or ["- none"])) + "\n"
     splits = m["splits"]
     if m["task"] == "regression":
         stats = m.get("target_stats", {})
@@ -41,3 +54,10 @@ def data_report(m: dict) -> str:
     lines += ["", "## Warnings", ""]
     lines += [f"- {w}" for w in m["warnings"]] or ["- none"]
     return "\n".join(lines) + "\n"
+
+
+def truncation_warning(split: str, n: int, total: int, max_length: int) -> str:
+    return (
+        f"{split}: {n} of {total} row{'s' * (total != 1)} ({n / total:.1%}) are longer than data.max_length={max_length} "
+        "tokens and are truncated; raise data.max_length if the end of the text matters"
+    )

@@ -6,7 +6,10 @@ validation can name the exact place of a problem.
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +28,7 @@ SPLIT_ALIASES = {
     "test": "test",
     "testing": "test",
 }
+SPLIT_NAMES_HELP = "train/training, validation/valid/val/dev, test/testing"
 
 
 class DataError(ValueError):
@@ -52,12 +56,27 @@ class RawPart:
 class RawData:
     parts: list[RawPart]
     sources: dict[str, str] = field(default_factory=dict)  # file -> sha256 (or dataset fingerprint)
+    problems: list[str] = field(default_factory=list)  # files that could not be read (load_source(collect=True))
 
     def by_split(self) -> dict[str | None, pd.DataFrame]:
         out: dict[str | None, list[pd.DataFrame]] = {}
         for p in self.parts:
             out.setdefault(p.split, []).append(p.frame)
         return {k: pd.concat(v, ignore_index=True) for k, v in out.items()}
+
+
+def _rows(rows: list[int], limit: int = 8) -> str:
+    shown = ", ".join(str(r) for r in rows[:limit])
+    more = f" (+{len(rows) - limit} more)" if len(rows) > limit else ""
+    return f"row{'s' * (len(rows) != 1)} {shown}{more}"
+
+
+def _where(df: pd.DataFrame, mask) -> list[str]:
+    """Group masked rows by file: ['file.csv rows 3, 9', ...] (rows are the `_row` each row was read with)."""
+    out = []
+    for file, sub in df[mask].groupby("_file", sort=False):
+        out.append(f"{file} {_rows(sub['_row'].tolist())}")
+    return out
 
 
 def _fail(msg: str):
@@ -79,7 +98,30 @@ def _read_csv(path: Path) -> pd.DataFrame:
         _fail(
             f"{path}: cannot be parsed as {'TSV' if sep == chr(9) else 'CSV'} ({exc}); fix: check quoting and the delimiter"
         )
+    _check_header(path, sep)
     return df
+
+
+def _check_header(path: Path, sep: str) -> None:
+    """Duplicated column names, read from the raw header (pandas would silently rename the second to `name.1`)."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            header = next(csv.reader(fh, delimiter=sep), [])
+    except csv.Error:  # a header pandas could parse but the csv module cannot (e.g. a giant field): nothing to add
+        return
+    seen: dict[str, list[int]] = {}
+    for i, name in enumerate(header, start=1):
+        seen.setdefault(name.strip(), []).append(i)
+    dups = [
+        f"'{n}' {'twice' if len(c) == 2 else f'{len(c)} times'} (columns {', '.join(map(str, c))})"
+        for n, c in seen.items()
+        if len(c) > 1
+    ]
+    if dups:
+        _fail(
+            f"{path}: the header names column {'; '.join(dups)}; fix: give every column its own name "
+            "(pandas would read the later one as '<name>.1' and ignore it)"
+        )
 
 
 def _read_jsonl(path: Path) -> pd.DataFrame:
@@ -140,6 +182,29 @@ def _split_name(stem: str) -> str | None:
     return SPLIT_ALIASES.get(stem.lower())
 
 
+def _not_regular(path: Path, where: str) -> str | None:
+    """A problem when `path` is a FIFO, device or socket (checked with stat: such a file is never opened)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kind = (
+        "a named pipe (FIFO)"
+        if stat.S_ISFIFO(mode)
+        else "a character device"
+        if stat.S_ISCHR(mode)
+        else "a block device"
+        if stat.S_ISBLK(mode)
+        else "a socket"
+    )
+    return (
+        f"{where}: {path} is {kind}, not a regular file (it was not opened: reading it could block or never end); "
+        "fix: point data.source at a data file or a folder of them"
+    )
+
+
 def _load_hf(spec: str) -> RawData:
     import datasets
 
@@ -179,32 +244,71 @@ def source_files(source: str | dict[str, str]) -> tuple[str, list[tuple[str | No
     """Where `data.source` lives, without reading it: (kind, [(split or None, path)]).
 
     kind is "files", "saved" (a `datasets.save_to_disk` folder) or "hf". Raises DataError for
-    missing paths, so a bad source fails before any work.
+    missing paths, FIFOs and devices (never opened), so a bad source fails before any work.
     """
     if isinstance(source, dict):
-        missing = [
-            f"data.source.{split}: file {file} does not exist; fix: check the path (relative to {Path.cwd()})"
-            for split, file in source.items()
-            if not Path(file).is_file()
-        ]
-        if missing:
-            raise DataError(missing)
+        problems = []
+        for split, file in source.items():
+            odd = _not_regular(Path(file), f"data.source.{split}")
+            if odd:
+                problems.append(odd)
+            elif Path(file).is_dir():
+                problems.append(f"data.source.{split}: {file} is a folder; fix: name one data file per split")
+            elif not Path(file).is_file():
+                problems.append(
+                    f"data.source.{split}: file {file} does not exist; fix: check the path (relative to {Path.cwd()})"
+                )
+        if problems:
+            raise DataError(problems)
         return "files", [(split, Path(file)) for split, file in source.items()]
     if source.startswith("hf://"):
         return "hf", []
     path = Path(source)
+    odd = _not_regular(path, "data.source")
+    if odd:
+        _fail(odd)
     if not path.exists():
         _fail(f"data.source: {path} does not exist; fix: check the path (relative to {Path.cwd()})")
     if path.is_file():
         return "files", [(None, path)]
     if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
         return "saved", [(None, path)]
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in SUPPORTED)
+    return "files", _folder_files(path)
+
+
+def _folder_files(path: Path) -> list[tuple[str | None, Path]]:
+    """A folder's data files: named by split (train.csv, dev.jsonl, ...) or, when no name is a split's, a pool."""
+    entries = sorted(p for p in path.iterdir() if p.suffix in SUPPORTED and not p.is_dir())
+    odd = [msg for p in entries if (msg := _not_regular(p, "data.source"))]
+    if odd:
+        raise DataError(odd)
+    files = [p for p in entries if p.is_file()]
     if not files:
         _fail(f"data.source: folder {path} holds no {', '.join(SUPPORTED)} files; fix: add data files or point at one")
     names = [_split_name(f.stem) for f in files]
-    use_splits = all(names) and len(set(names)) == len(names)
-    return "files", [(n if use_splits else None, f) for f, n in zip(files, names, strict=False)]
+    if not any(names):
+        return [(None, f) for f in files]
+    problems = []
+    unknown = [f.name for f, n in zip(files, names, strict=True) if n is None]
+    if unknown:
+        split_files = ", ".join(f.name for f, n in zip(files, names, strict=True) if n)
+        one = len(unknown) == 1
+        problems.append(
+            f"data.source: folder {path} holds split files ({split_files}) and {', '.join(unknown)}, whose "
+            f"{'name is not a split name' if one else 'names are not split names'}; fix: rename or move "
+            f"{'it' if one else 'them'} (split names the loader understands: {SPLIT_NAMES_HELP}), or use a folder "
+            "in which no file is named after a split to have the splits carved out of all of them"
+        )
+    for split in dict.fromkeys(n for n in names if n):
+        same = [f.name for f, n in zip(files, names, strict=True) if n == split]
+        if len(same) > 1:
+            problems.append(
+                f"data.source: folder {path} has {len(same)} files for the {split} split ({', '.join(same)}: "
+                f"{'both' if len(same) == 2 else 'all'} name it); fix: merge them into one file or move the others away"
+            )
+    if problems:
+        raise DataError(problems)
+    return list(zip(names, files, strict=True))
 
 
 def source_hashes(source: str | dict[str, str]) -> dict[str, str]:
@@ -217,8 +321,11 @@ def source_hashes(source: str | dict[str, str]) -> dict[str, str]:
     return {str(path): sha256_file(path) for _, path in files}
 
 
-def load_source(source: str | dict[str, str], hashes: dict[str, str] | None = None) -> RawData:
-    """Read `data.source` in any of its forms. Paths are relative to the current directory."""
+def load_source(source: str | dict[str, str], hashes: dict[str, str] | None = None, collect: bool = False) -> RawData:
+    """Read `data.source` in any of its forms. Paths are relative to the current directory.
+
+    Every file is read even when one fails; the problems of all files are raised together, or (collect=True)
+    returned in `RawData.problems` with the files that could be read, so validation can add its own to them."""
     kind, files = source_files(source)
     if kind == "hf":
         return _load_hf(source)
@@ -229,4 +336,12 @@ def load_source(source: str | dict[str, str], hashes: dict[str, str] | None = No
         raw = _from_dataset_dict(datasets.load_from_disk(str(files[0][1])), str(files[0][1]))
         raw.sources = hashes
         return raw
-    return RawData([RawPart(split, str(path), read_table(path)) for split, path in files], hashes)
+    parts, problems = [], []
+    for split, path in files:
+        try:
+            parts.append(RawPart(split, str(path), read_table(path)))
+        except DataError as exc:
+            problems += exc.problems
+    if problems and not collect:
+        raise DataError(problems)
+    return RawData(parts, hashes, problems)

@@ -1,20 +1,33 @@
-"""Stratified, leak-free train/validation/test splits and class weights from the train split."""
+"""Stratified, leak-free train/validation/test splits and class weights from the train split; leakage between
+the splits a source provides (named row by row, and handled as `data.on_leakage` says)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from tasks.config import DataConfig
-from tasks.data.sources import DataError
-from tasks.data.validation import _label_sets, _where
+from tasks.data.sources import DataError, _where
 
 SPLITS = ("train", "validation", "test")
 MIN_PER_CLASS = 3  # one text per split is the least a stratified three-way split can give a class
+LEAK_PAIRS = (("train", "validation"), ("train", "test"), ("validation", "test"))
+LEAKS_LISTED = 10
+
+
+def _label_sets(df: pd.DataFrame, task: str, labels: list[str]) -> pd.Series:
+    if task == "multi_label":
+        return df["label"].map(lambda v: {labels[i] for i, x in enumerate(v) if x})
+    return df["label_name"].map(lambda n: {n})
 
 
 def _strat_keys(df: pd.DataFrame, task: str, labels: list[str], cfg: DataConfig) -> pd.Series:
-    """A stratification key per row: the class; the label combination (rare ones folded); a target bin."""
+    """A stratification key per row: the class; the label combination (rare ones folded); a target bin; one key
+    for instruction data (a plain seeded split)."""
+    if task == "sft":
+        return pd.Series("all", index=df.index)
     if task == "single_label":
         return df["label"].astype(str)
     if task == "regression":
@@ -71,7 +84,8 @@ def _split_groups(df: pd.DataFrame, keys: pd.Series, sizes: dict[str, float], se
 
 
 def _too_small(df: pd.DataFrame, task: str, labels: list[str], need: int, label_col: str) -> list[str]:
-    if task == "regression":
+    """Classes with too few distinct texts to give each carved split one."""
+    if task in ("regression", "sft") or not len(df):
         return []
     sets = _label_sets(df, task, labels)
     groups = _group_keys(df)
@@ -119,7 +133,7 @@ def make_splits(
 
 def class_weights(train: pd.DataFrame, task: str, labels: list[str], cfg: DataConfig) -> dict[str, float]:
     """Weights from the train split only: none, balanced n/(K*n_k), or effective number (Cui et al. 2019)."""
-    if task == "regression":
+    if task in ("regression", "sft"):
         return {}
     scheme, beta, n = cfg.class_weighting, cfg.effective_number_beta, len(train)
     if task == "multi_label":
@@ -148,10 +162,83 @@ def class_weights(train: pd.DataFrame, task: str, labels: list[str], cfg: DataCo
 
 
 def label_counts(df: pd.DataFrame, task: str, labels: list[str]) -> dict[str, int]:
-    if task == "regression":
+    if task in ("regression", "sft"):
         return {}
     if task == "multi_label":
         pos = np.sum(np.stack(df["label"].to_numpy()), axis=0) if len(df) else np.zeros(len(labels))
         return {n: int(c) for n, c in zip(labels, pos, strict=False)}
     vc = df["label"].value_counts()
     return {n: int(vc.get(i, 0)) for i, n in enumerate(labels)}
+
+
+def _leak_keys(df: pd.DataFrame) -> pd.Series:
+    """The text (and pair) lowercased with whitespace collapsed and stripped: near-duplicates share a key."""
+
+    def norm(s) -> str:
+        return " ".join(str(s).split()).casefold()
+
+    return df["text"].map(norm) + ("\x00" + df["text_pair"].map(norm) if "text_pair" in df else "")
+
+
+def _excerpt(text: str, n: int = 40) -> str:
+    s = " ".join(str(text).split())
+    return repr(s if len(s) <= n else s[:n] + "…")
+
+
+def _leaks(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.Series, list[str]]:
+    """Rows of `a` whose text is in `b` (exactly or normalised): a mask over `a` and one line per row."""
+    ka, first = _leak_keys(a), {}
+    for key, file, row in zip(_leak_keys(b), b["_file"], b["_row"], strict=True):
+        first.setdefault(key, f"{Path(file).name} row {row}")
+    mask = ka.isin(list(first))
+    lines = [
+        f"{Path(file).name} row {row} = {first[key]} {_excerpt(text)}"
+        for key, file, row, text in zip(ka[mask], a["_file"][mask], a["_row"][mask], a["text"][mask], strict=True)
+    ]
+    return mask, lines
+
+
+def _listing(lines: list[str]) -> str:
+    more = f"; +{len(lines) - LEAKS_LISTED} more" if len(lines) > LEAKS_LISTED else ""
+    return "; ".join(lines[:LEAKS_LISTED]) + more
+
+
+def apply_leakage(frames: dict, cfg: DataConfig, problems: list[str]) -> tuple[dict, list[str], dict]:
+    """Texts shared by the splits a source provides, named row by row. Train rows also in validation or test are
+    dropped from train (data.on_leakage=drop), kept with a warning (warn) or a problem (error); validation rows
+    also in test are a warning. Returns the frames, the warnings and a record for the manifest."""
+    policy, warnings, drop = cfg.on_leakage, [], None
+    record: dict = {"policy": policy, "pairs": {}, "dropped_train_rows": 0}
+    for a, b in LEAK_PAIRS:
+        if a not in frames or b not in frames:
+            continue
+        mask, lines = _leaks(frames[a], frames[b])
+        n = record["pairs"][f"{a}/{b}"] = len(lines)
+        if not n:
+            continue
+        rows = f"{n} {a} row{'s' * (n != 1)}"
+        how = "exactly or after normalising case and whitespace"
+        if a != "train":
+            warnings.append(
+                f"leakage: {rows} also in {b} ({how}): {_listing(lines)}; kept (validation is not trained on, but "
+                "it picks the best epoch); fix: remove them from one of the two files"
+            )
+        elif policy == "error":
+            problems.append(
+                f"leakage: {rows} also in {b} ({how}): {_listing(lines)}; fix: remove these rows from the training "
+                "data, or set data.on_leakage=drop (drops them from train) or data.on_leakage=warn (keeps them)"
+            )
+        elif policy == "warn":
+            warnings.append(
+                f"leakage: {rows} also in {b} ({how}): {_listing(lines)}; kept (data.on_leakage=warn), so {b} "
+                "scores overstate the model; fix: remove them from the training data or set data.on_leakage=drop"
+            )
+        else:
+            warnings.append(
+                f"leakage: dropped {rows} whose text is also in {b} ({how}; data.on_leakage=drop): {_listing(lines)}"
+            )
+            drop = mask if drop is None else drop | mask
+    if drop is not None:
+        frames = {**frames, "train": frames["train"][~drop].reset_index(drop=True)}
+        record["dropped_train_rows"] = int(drop.sum())
+    return frames, warnings, record

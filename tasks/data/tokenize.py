@@ -5,16 +5,17 @@ tokenizer content and max length. No padding here: batches are padded dynamicall
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.config import RunConfig
+from tasks.data.report import truncation_warning
 from tasks.data.splits import SPLITS
-from tasks.files import atomic_dir, read_json, sha256_json, write_json
+from tasks.files import atomic_dir, sha256_json, write_json
 from tasks.model.base import load_tokenizer, tokenizer_fingerprint
-from tasks.workspace import Workspace
+from tasks.workspace import Workspace, read_facts
 
-TOKENIZE_VERSION = "1"
+TOKENIZE_VERSION = "2"  # 2: tokenized.json lists truncation warnings (counted in tokens)
 
 
 @dataclass
@@ -23,6 +24,7 @@ class TokenizedData:
     key: str
     truncated_share: dict[str, float]
     reused: bool
+    warnings: list[str] = field(default_factory=list)
 
 
 def tokenized_dir(cfg: RunConfig, dataset_fp: str, tokenizer_dir: str) -> Path:
@@ -40,13 +42,19 @@ def tokenized_dir(cfg: RunConfig, dataset_fp: str, tokenizer_dir: str) -> Path:
 
 def tokenize_dataset(prepared_dir: str, tokenizer_dir: str, cfg: RunConfig) -> TokenizedData:
     """Tokenize every split once per (dataset, tokenizer, max_length); returns where it lives."""
-    manifest = read_json(Path(prepared_dir) / "manifest.json")
+    manifest = read_facts(Path(prepared_dir) / "manifest.json", "prepared dataset")
     max_length = cfg.data.max_length
     final = tokenized_dir(cfg, manifest["fingerprint"], tokenizer_dir)
     key = final.name
     if (final / "tokenized.json").exists():
-        info = read_json(final / "tokenized.json")
-        return TokenizedData(str(final), key, info["truncated_share"], True)
+        info = read_facts(final / "tokenized.json", "tokenized dataset")
+        return TokenizedData(str(final), key, info["truncated_share"], True, info.get("warnings", []))
+
+    if manifest["task"] == "sft":
+        from tasks.data.sft_tokenize import tokenize_conversations
+
+        shares, warnings = tokenize_conversations(Path(prepared_dir), tokenizer_dir, cfg, final)
+        return TokenizedData(str(final), key, shares, False, warnings)
 
     import datasets
 
@@ -63,7 +71,7 @@ def tokenize_dataset(prepared_dir: str, tokenizer_dir: str, cfg: RunConfig) -> T
         enc["labels"] = batch["label"]
         return enc
 
-    shares = {}
+    shares, warnings = {}, []
     with atomic_dir(final) as tmp:
         for split in SPLITS:
             ds = datasets.Dataset.from_parquet(str(Path(prepared_dir) / f"{split}.parquet"), keep_in_memory=True)
@@ -75,7 +83,10 @@ def tokenize_dataset(prepared_dir: str, tokenizer_dir: str, cfg: RunConfig) -> T
                 keep_in_memory=True,
                 desc=f"tokenize {split}",
             )
-            shares[split] = round(float(sum(ds["truncated"])) / max(1, len(ds)), 4)
+            n = int(sum(ds["truncated"]))
+            shares[split] = round(n / max(1, len(ds)), 4)
+            if n:
+                warnings.append(truncation_warning(split, n, len(ds), max_length))
             ds.remove_columns(["truncated"]).save_to_disk(str(tmp / split))
         write_json(
             tmp / "tokenized.json",
@@ -85,7 +96,8 @@ def tokenize_dataset(prepared_dir: str, tokenizer_dir: str, cfg: RunConfig) -> T
                 "tokenizer": tokenizer_dir,
                 "max_length": max_length,
                 "truncated_share": shares,
+                "warnings": warnings,
                 "seconds": round(time.perf_counter() - t0, 3),
             },
         )
-    return TokenizedData(str(final), key, shares, False)
+    return TokenizedData(str(final), key, shares, False, warnings)

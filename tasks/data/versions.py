@@ -9,25 +9,37 @@ data source of the next run and records a new data version in `<workspace>/data-
   later version points at that same test file, so test metrics stay comparable across versions. New rows
   whose text is in the fixed test split are dropped (no leakage); exact duplicates of train rows too.
 
-Dropped files are first copied, by content, into `<workspace>/data-versions/<name>/files/<sha256>/`, so
-a version never changes when the drop folder does. Each version records its trigger (path + sha256),
-parent, files, row counts and the prepared-dataset fingerprint (`tasks.data.dataset_fingerprint`).
-The same dropped content never makes two versions: a retried run gets the version it made before.
+An event is not trusted (DESIGN.md rule 11, docs/security.md): its path must lie under an allowed root
+(retrain.drop_folder, data.source's folder, retrain.allowed_roots; real paths, so no symlink or `..` leads out),
+a URL needs a scheme listed in retrain.allowed_url_schemes, its sha256 must be 64 hex digits and match the bytes
+read. A dropped file is copied, by content, into `<workspace>/data-versions/<name>/files/<sha256>/` only after
+it read as a table with the dataset's columns, so a version never changes when the drop folder does. Each
+version records its trigger (path + sha256), parent, files, row counts and the prepared-dataset fingerprint
+(`tasks.data.dataset_fingerprint`). The same dropped content never makes two versions: a retried run gets the
+version it made before.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
+import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import pandas as pd
 
 from tasks.config import RunConfig
-from tasks.data.sources import DataError, load_source, read_table, source_files
+from tasks.data.sources import SUPPORTED, DataError, load_source, read_table, source_files
 from tasks.files import atomic_dir, read_json, sha256_file, write_json
-from tasks.workspace import Workspace
+from tasks.workspace import Workspace, WorkspaceError
+
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 @dataclass
@@ -52,47 +64,165 @@ def log_path(cfg: RunConfig) -> Path:
     return Workspace.at(cfg.workspace).data_versions / f"{dataset_name(cfg)}.json"
 
 
+def _read_log(p: Path) -> dict:
+    """The data-version log, or a WorkspaceError naming the file and the fix (never a bare JSONDecodeError)."""
+    try:
+        log = read_json(p)
+        why = "" if isinstance(log, dict) and isinstance(log.get("versions"), list) else "no list of versions"
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        why = f"not readable JSON: {type(exc).__name__}"
+    if why:
+        raise WorkspaceError(
+            f"{p}: the data-version log of {p.stem!r} is damaged ({why}); fix: restore it from a backup, or move it "
+            "away to start a new version history (the next triggered run starts again from data.source)"
+        )
+    return log
+
+
 def list_versions(cfg: RunConfig) -> list[dict]:
     p = log_path(cfg)
-    return read_json(p)["versions"] if p.exists() else []
+    return _read_log(p)["versions"] if p.exists() else []
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def fetch_drop(cfg: RunConfig, data_source: str, data_sha256: str | None) -> tuple[Path, str]:
-    """Copy the dropped file (local path or fsspec URL) into the content store; check its sha256."""
-    from tasks.data.watching import hash_url, open_location
+# ---- what an event may name (DESIGN.md rule 11: nothing from outside is trusted) ---------------------------
 
+
+def _refuse(problem: str) -> NoReturn:
+    raise DataError([problem])
+
+
+def check_sha256(data_sha256: str | None) -> str | None:
+    """The event's sha256 in lower case (None when absent); exactly 64 hex digits, so it never becomes a path."""
+    if data_sha256 is None or data_sha256 == "":
+        return None
+    if not isinstance(data_sha256, str) or not SHA256_HEX.fullmatch(data_sha256):
+        _refuse(
+            f"data_sha256 {str(data_sha256)[:80]!r} is not a sha256 (expected exactly 64 hex digits); fix: pass "
+            "the hex digest of the file's bytes (`sha256sum FILE`), or leave it out to use the file's own hash"
+        )
+    return data_sha256.lower()
+
+
+def allowed_roots(cfg: RunConfig) -> list[Path]:
+    """Folders new data may come from: retrain.drop_folder, data.source's folder(s), retrain.allowed_roots (real
+    paths, so neither a symlink nor `..` leads out of them)."""
+    src = cfg.data.source
+    folders = [cfg.retrain.drop_folder]
+    for f in src.values() if isinstance(src, dict) else [src]:
+        if not f.startswith("hf://"):
+            p = Path(f).expanduser()
+            folders.append(str(p if p.is_dir() else p.parent))
+    folders += cfg.retrain.allowed_roots
+    return list(dict.fromkeys(Path(f).expanduser().resolve() for f in folders))
+
+
+def _protocols(location: str) -> list[str]:
+    """fsspec protocols of a location ([] for a plain local path), chained ones (`a::b://x`) included."""
+    if "://" not in location and "::" not in location and not location.startswith("data:"):
+        return []
+    return [bit.split("://", 1)[0].split(":", 1)[0].lower() for bit in location.split("::")]
+
+
+def locate_drop(cfg: RunConfig, data_source: str):
+    """(fsspec filesystem, path) for a URL whose scheme is in retrain.allowed_url_schemes, or (None, real path) for
+    a local file under an allowed root; otherwise a DataError. Reads and writes nothing."""
+    from tasks.data.watching import WatchError, is_data_file, open_location
+
+    protocols = _protocols(data_source)
+    if protocols == ["file"]:
+        data_source, protocols = data_source.split("://", 1)[1], []
+    allowed = [s.lower() for s in cfg.retrain.allowed_url_schemes]
+    roots = allowed_roots(cfg)
+    refused = [p for p in protocols if p not in allowed]
+    if refused:
+        _refuse(
+            f"{data_source}: URL scheme {refused[0]!r} is not allowed for new data (retrain.allowed_url_schemes: "
+            f"{', '.join(allowed) or 'none'}); fix: copy the file into retrain.drop_folder ({roots[0]}) or add "
+            f"{refused[0]!r} to retrain.allowed_url_schemes"
+        )
+    if protocols:
+        try:
+            fs, path = open_location(data_source)
+        except WatchError as exc:
+            raise DataError([str(exc)]) from None
+    else:
+        fs, given = None, Path(data_source).expanduser()
+        path = given.resolve()
+        if not any(path.is_relative_to(r) for r in roots):
+            via = f" (resolves to {path})" if path != given.absolute() else ""
+            _refuse(
+                f"{data_source}{via}: outside the folders new data may come from "
+                f"({', '.join(map(str, roots))}); fix: move the file into retrain.drop_folder ({roots[0]}) or "
+                "add its folder to retrain.allowed_roots"
+            )
+    name = str(path).rstrip("/").rsplit("/", 1)[-1]
+    if not is_data_file(name):
+        _refuse(f"{name}: not a data file (expected {', '.join(SUPPORTED)}); fix: drop a data file")
+    return fs, path
+
+
+def _open(fs, path):
+    if fs is None:  # the real path checked above; O_NOFOLLOW: a symlink swapped in since is not followed
+        return os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb")
+    return fs.open(path, "rb")
+
+
+def _copy_hashed(fs, path, dest: Path | None) -> str:
+    """sha256 of the bytes read (copied to `dest` as they are read, when given)."""
+    h = hashlib.sha256()
+    with _open(fs, path) as fh, open(dest, "wb") if dest else contextlib.nullcontext() as out:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+            if out:
+                out.write(chunk)
+    return h.hexdigest()
+
+
+def drop_sha256(cfg: RunConfig, data_source: str, data_sha256: str | None = None) -> str:
+    """The content a triggered run is keyed by: the event's sha256 (checked), else the allowed file's own bytes."""
+    sha = check_sha256(data_sha256)
+    fs, path = locate_drop(cfg, data_source)
+    return sha or _copy_hashed(fs, path, None)
+
+
+def fetch_drop(cfg: RunConfig, data_source: str, data_sha256: str | None) -> tuple[Path, str]:
+    """Copy an allowed dropped file (local path or allowed URL) into the content store once its bytes match the
+    event's sha256 and it reads as a table with the dataset's columns; nothing is stored before that."""
+    sha = check_sha256(data_sha256)
+    fs, path = locate_drop(cfg, data_source)
+    name = str(path).rstrip("/").rsplit("/", 1)[-1]
     store = Workspace.at(cfg.workspace).data_versions / dataset_name(cfg) / "files"
-    name = data_source.rstrip("/").rsplit("/", 1)[-1]
-    if data_sha256 and (store / data_sha256 / name).is_file():
-        return store / data_sha256 / name, data_sha256
-    fs, path = open_location(data_source)
-    if not fs.exists(path) or not fs.isfile(path):
-        raise DataError(
-            [
-                f"{data_source}: the new data file does not exist (moved or deleted since the event?); "
-                "fix: drop it again or run with data_source pointing at an existing file"
-            ]
+    if sha and (store / sha / name).is_file():
+        return store / sha / name, sha
+    if not (path.is_file() if fs is None else fs.exists(path) and fs.isfile(path)):
+        _refuse(
+            f"{data_source}: the new data file does not exist (moved or deleted since the event?); "
+            "fix: drop it again or run with data_source pointing at an existing file"
         )
-    actual = hash_url(data_source)
-    if data_sha256 and actual != data_sha256:
-        raise DataError(
-            [
+    store.parent.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=store.parent.parent, prefix=f".{dataset_name(cfg)}.incoming-"))
+    try:
+        actual = _copy_hashed(fs, path, tmp / name)
+        if sha and actual != sha:
+            _refuse(
                 f"{data_source}: content changed since the event (sha256 {actual[:12]}..., event said "
-                f"{data_sha256[:12]}...); nothing was trained; fix: the watcher announces the new content "
-                "once the file is complete"
-            ]
-        )
-    final = store / actual
-    if not (final / name).is_file():
-        with atomic_dir(final) as tmp:
-            fs.get(path, str(tmp / name))
-            if sha256_file(tmp / name) != actual:
-                raise DataError([f"{data_source}: content changed while copying; fix: drop the file again"])
-    return final / name, actual
+                f"{sha[:12]}...); nothing was trained; fix: the watcher announces the new content once the file "
+                "is complete"
+            )
+        try:
+            _read(tmp / name, cfg)
+        except DataError as exc:  # name the dropped file, not the temporary copy
+            raise DataError([p.replace(str(tmp / name), data_source) for p in exc.problems]) from None
+        if not (store / actual / name).is_file():
+            with atomic_dir(store / actual) as staged:
+                os.replace(tmp / name, staged / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return store / actual / name, actual
 
 
 def _columns(cfg: RunConfig) -> list[str]:
@@ -101,16 +231,17 @@ def _columns(cfg: RunConfig) -> list[str]:
 
 
 def _read(path: Path, cfg: RunConfig) -> pd.DataFrame:
-    """A raw file's data columns (no provenance columns); names the missing column and the fix."""
+    """A raw file's data columns (no provenance columns). A missing column is named with the columns the config
+    expects, never with the file's own header (no file content in errors)."""
     df = read_table(path)
     missing = [c for c in _columns(cfg) if c not in df.columns]
     if missing:
-        raise DataError(
-            [
-                f"{path}: no column(s) {', '.join(repr(m) for m in missing)} (columns: "
-                f"{', '.join(c for c in df.columns if not c.startswith('_'))}); fix: use the same columns as "
-                "the dataset (data.text_column / data.label_column)"
-            ]
+        d = cfg.data
+        fields = [f"data.{f}" for f in ("text_column", "text_pair_column", "label_column") if getattr(d, f)]
+        _refuse(
+            f"{path}: no column(s) {', '.join(repr(m) for m in missing)} (expected columns: "
+            f"{', '.join(_columns(cfg))}, set by {', '.join(fields)}); fix: give the file the dataset's columns, "
+            "or set those settings to the file's column names"
         )
     return df[_columns(cfg)]
 
@@ -175,10 +306,15 @@ def _fixed_splits(cfg: RunConfig, source: str | dict[str, str], out: Path) -> tu
     return result, {"train": len(train), "test": len(test)}
 
 
-def _record(cfg: RunConfig, log: dict, entry: dict) -> dict:
-    """Complete a version entry (fingerprint, file hashes) and write the log atomically."""
+def _record(
+    cfg: RunConfig, log: dict, policy: str, parent: dict | None, trigger: dict, source, rows: dict, **extra
+) -> dict:
+    """A new version entry (number, time, fingerprint, file hashes), appended to the log, written atomically."""
     from tasks.data.prepare import dataset_fingerprint
 
+    entry = {"version": len(log["versions"]) + 1, "created_at": _now(), "policy": policy}
+    entry |= {"parent": parent["version"] if parent else None, "trigger": trigger, "source": source, **extra}
+    entry["rows"] = rows
     data = cfg.data.model_copy(update={"source": entry["source"]})
     entry["fingerprint"] = dataset_fingerprint(data)
     files = entry["source"].items() if isinstance(entry["source"], dict) else [("data", entry["source"])]
@@ -189,16 +325,8 @@ def _record(cfg: RunConfig, log: dict, entry: dict) -> dict:
 
 
 def _as_version(cfg: RunConfig, e: dict, reused: bool) -> DataVersion:
-    return DataVersion(
-        dataset_name(cfg),
-        e["version"],
-        e["policy"],
-        e["source"],
-        e["fingerprint"],
-        e["parent"],
-        e.get("rows", {}),
-        reused,
-    )
+    facts = (e["version"], e["policy"], e["source"], e["fingerprint"], e["parent"], e.get("rows", {}))
+    return DataVersion(dataset_name(cfg), *facts, reused)
 
 
 def _reused(log: dict, sha: str | None, policy: str) -> dict | None:
@@ -218,20 +346,7 @@ def _freeze_test(cfg: RunConfig, log: dict, root: Path, parent: dict | None) -> 
         splits, rows = _fixed_splits(cfg, base_source, tmp)
     splits = {k: v.replace(str(tmp), str(root / f"v{n}")) for k, v in splits.items()}
     trigger = {"from": "config data.source" if n == 1 else f"version {n - 1}", "source": base_source}
-    return _record(
-        cfg,
-        log,
-        {
-            "version": n,
-            "created_at": _now(),
-            "policy": "base",
-            "parent": parent["version"] if parent else None,
-            "trigger": trigger,
-            "source": splits,
-            "fixed_test": splits["test"],
-            "rows": rows,
-        },
-    )
+    return _record(cfg, log, "base", parent, trigger, splits, rows, fixed_test=splits["test"])
 
 
 def _append(cfg: RunConfig, log: dict, root: Path, parent: dict, stored: Path, trigger: dict) -> dict:
@@ -255,30 +370,20 @@ def _append(cfg: RunConfig, log: dict, root: Path, parent: dict, stored: Path, t
         "dropped_in_test": int(leak.sum()),
         "dropped_duplicates": int(dup.sum()),
     }
-    return _record(
-        cfg,
-        log,
-        {
-            "version": n,
-            "created_at": _now(),
-            "policy": "append",
-            "parent": parent["version"],
-            "trigger": trigger,
-            "source": {**prev, "train": str(root / f"v{n}" / f"train{suffix}")},
-            "fixed_test": parent["fixed_test"],
-            "rows": rows,
-        },
-    )
+    source = {**prev, "train": str(root / f"v{n}" / f"train{suffix}")}
+    return _record(cfg, log, "append", parent, trigger, source, rows, fixed_test=parent["fixed_test"])
 
 
 def apply_new_data(cfg: RunConfig, data_source: str, data_sha256: str | None = None) -> tuple[RunConfig, DataVersion]:
     """Record the data version made from a dropped file; return the config to train on it and the version."""
     from filelock import FileLock
 
+    data_sha256 = check_sha256(data_sha256)
+    locate_drop(cfg, data_source)  # a location that is not allowed is refused before anything is written
     log_file = log_path(cfg)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(log_file) + ".lock", timeout=cfg.registry.lock_timeout_s):
-        log = read_json(log_file) if log_file.exists() else {"name": dataset_name(cfg), "versions": []}
+        log = _read_log(log_file) if log_file.exists() else {"name": dataset_name(cfg), "versions": []}
         policy = cfg.retrain.policy
         done = _reused(log, data_sha256, policy)
         if done is None:
@@ -290,19 +395,7 @@ def apply_new_data(cfg: RunConfig, data_source: str, data_sha256: str | None = N
         trigger = {"path": data_source, "sha256": sha, "stored": str(stored)}
         parent = log["versions"][-1] if log["versions"] else None
         if policy == "replace":
-            entry = _record(
-                cfg,
-                log,
-                {
-                    "version": len(log["versions"]) + 1,
-                    "created_at": _now(),
-                    "policy": "replace",
-                    "parent": parent["version"] if parent else None,
-                    "trigger": trigger,
-                    "source": str(stored),
-                    "rows": {"new": len(_read(stored, cfg))},
-                },
-            )
+            entry = _record(cfg, log, "replace", parent, trigger, str(stored), {"new": len(_read(stored, cfg))})
         else:
             if parent is None or not parent.get("fixed_test"):
                 parent = _freeze_test(cfg, log, root, parent)

@@ -183,10 +183,16 @@ def load_state(path: str | Path, location: str = "") -> WatchState:
     p = Path(path)
     if not p.exists():
         return WatchState(location=location)
-    raw = read_json(p)
-    if raw.get("version") != STATE_VERSION:
+    try:
+        raw = read_json(p)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise WatchError(
-            f"{p}: unknown watch state version {raw.get('version')!r}; fix: move the file away to start fresh"
+            f"{p} is not readable JSON ({type(exc).__name__}); fix: move the file away to start fresh "
+            "(the watcher then treats every file in the drop folder as new)"
+        ) from None
+    if not isinstance(raw, dict) or raw.get("version") != STATE_VERSION:
+        raise WatchError(
+            f"{p}: unknown watch state version {raw.get('version') if isinstance(raw, dict) else raw!r}; fix: move the file away to start fresh"
         )
     return WatchState(
         location=raw.get("location", location),

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.evaluation.metrics import compute_metrics, higher_is_better, metric_details, primary_metric, tune_thresholds
-from tasks.files import read_json
+from tasks.workspace import read_facts
 
 LARGE_TRAIN = 20_000  # above this many train rows the C/alpha grid shrinks to one value (fit time)
 C_GRID = (0.5, 2.0, 8.0)
@@ -159,7 +159,7 @@ def baseline_scores(
     """Scores of each named baseline on the prepared dataset's test split (fit on its train split)."""
     from tasks.data.prepare import load_split
 
-    manifest = read_json(Path(prepared_dir) / "manifest.json")
+    manifest = read_facts(Path(prepared_dir) / "manifest.json", "prepared dataset")
     task, labels = manifest["task"], manifest["labels"]
     train, val, test = (load_split(prepared_dir, s) for s in ("train", "validation", "test"))
     out: dict[str, BaselineScores] = {}
@@ -187,7 +187,7 @@ def baseline_scores(
 def score_baselines(prepared_dir: str | Path) -> dict[str, dict]:
     """Test metrics of every baseline: {name: {"metrics": {...}, "per_class": {...}, "settings": {...}, "seconds": s}}
     (per_class for classification tasks: the per-class precision/recall/F1 a report compares, e.g. spam F1)."""
-    manifest = read_json(Path(prepared_dir) / "manifest.json")
+    manifest = read_facts(Path(prepared_dir) / "manifest.json", "prepared dataset")
     task, labels = manifest["task"], manifest["labels"]
     from tasks.data.prepare import load_split
 

@@ -10,34 +10,32 @@ a new stamp), the evaluation settings and the threshold grid. No weight file is 
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from tasks.config import RunConfig
+from tasks.config import BUNDLED_MODEL, RunConfig
 from tasks.data.prepare import load_split
 from tasks.evaluation.metrics import (
     MIN_POSITIVES_PER_LABEL,
     THRESHOLD_GRID,
     MetricError,
     compute_metrics,
-    higher_is_better,
-    is_better,
     load_extra_metric,
     metric_details,
     predictions_from_scores,
     primary_metric,
     tune_thresholds,
 )
+from tasks.evaluation.records import clean, compare
 from tasks.evaluation.scoring import predict_scores
-from tasks.files import atomic_dir, folder_stamp, read_json, sha256_json, write_json
+from tasks.files import atomic_dir, folder_stamp, sha256_json, write_json
 from tasks.plan import RunPlan
-from tasks.workspace import Workspace
+from tasks.workspace import Workspace, read_facts
 
-EVAL_VERSION = "2"
+EVAL_VERSION = "3"  # 3: metrics.json records no local paths (run path relative, base model by name)
 
 
 @dataclass
@@ -69,21 +67,27 @@ def evaluation_key(cfg: RunConfig, run_dir: str | Path) -> str:
     return sha256_json(payload)[:20]
 
 
-def _clean(obj):
-    """JSON-safe: numpy scalars to Python, NaN/inf to None."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(float(obj)) else None
-    return obj
+def base_model_facts(plan: RunPlan) -> dict:
+    """The base model as records that leave this machine name it: its Hub id, or a local folder's name (the
+    bundled model: its config name), with its fingerprint; never a local path."""
+    name, fp = plan.base_model_name, plan.base_model_fingerprint
+    if name == BUNDLED_MODEL:
+        return {"name": name, "source": "bundled", "hub_id": None, "fingerprint": fp}
+    if Path(plan.base_model).is_absolute():  # resolved local folder (tasks/model/base.py resolve_model)
+        return {"name": Path(plan.base_model).name, "source": "local folder", "hub_id": None, "fingerprint": fp}
+    return {"name": plan.base_model, "source": "hub", "hub_id": plan.base_model, "fingerprint": fp}
+
+
+def portable_path(ws: Workspace, path: str | Path) -> str:
+    """A path as records that leave this machine name it: relative to the workspace, else only its last part."""
+    if not str(path):
+        return ""
+    rel = ws.relative(path)
+    return Path(path).name if Path(rel).is_absolute() else rel
 
 
 def _result(final: Path, reused: bool) -> EvalResult:
-    m = read_json(final / "metrics.json")
+    m = read_facts(final / "metrics.json", "evaluation")
     metrics = {k: float(v) for k, v in m["metrics"].items() if isinstance(v, (int, float))}
     base = {
         n: {k: float(v) for k, v in b["metrics"].items() if isinstance(v, (int, float))}
@@ -102,27 +106,14 @@ def _result(final: Path, reused: bool) -> EvalResult:
     )
 
 
-def compare(primary: str, value: float | None, baselines: dict[str, dict]) -> dict:
-    """How the model stands against each baseline on the primary metric (delta = model - baseline)."""
-    out = {"primary_metric": primary, "higher_is_better": higher_is_better(primary), "model": value, "baselines": {}}
-    for name, b in baselines.items():
-        bv = b["metrics"].get(primary)
-        if value is None or bv is None:
-            out["baselines"][name] = {"value": bv, "delta": None, "model_beats": None}
-            continue
-        out["baselines"][name] = {"value": bv, "delta": value - bv, "model_beats": not is_better(bv, value, primary)}
-    tf = out["baselines"].get("tfidf")
-    out["beats_tfidf"] = None if tf is None else tf["model_beats"]
-    return out
-
-
-def _extra_metrics(names: list[str], task: str, y_true, pred) -> tuple[dict, list[str]]:
+def _extra_metrics(names: list[str], y_true, pred, trust_code: bool = False) -> tuple[dict, list[str]]:
+    """evaluation.extra_metrics on the test predictions; a metric that cannot load or compute is reported."""
     results, warnings = {}, []
     refs = y_true.tolist() if isinstance(y_true, np.ndarray) else list(y_true)
     for name in names:
         try:
-            metric = load_extra_metric(name)
-            results[name] = {"values": _clean(metric.compute(predictions=np.asarray(pred).tolist(), references=refs))}
+            metric = load_extra_metric(name, trust_code)
+            results[name] = {"values": clean(metric.compute(predictions=np.asarray(pred).tolist(), references=refs))}
         except Exception as exc:  # noqa: BLE001 - reported, the evaluation goes on
             msg = (
                 str(exc)
@@ -198,7 +189,7 @@ def _warnings(primary: str, metrics: dict, comparison: dict) -> list[str]:
     if comparison["beats_tfidf"] is False:
         tf = comparison["baselines"]["tfidf"]
         warnings.append(
-            f"WARNING: the fine-tuned model LOSES to the TF-IDF baseline on {primary}: "
+            f"WARNING: the fine-tuned model {'only TIES' if tf.get('tie') else 'LOSES to'} the TF-IDF baseline on {primary}: "
             f"{metrics.get(primary):.4f} vs {tf['value']:.4f} ({tf['delta']:+.4f}); do not ship it without a look "
             "(more epochs, another learning rate or base model, or more data)"
         )
@@ -248,10 +239,28 @@ def _write(
         if (run / "metrics.jsonl").is_file() and loss_curve_png(run / "metrics.jsonl", tmp / "loss_curve.png"):
             images["loss"] = "loss_curve.png"
         doc["seconds"] = round(time.perf_counter() - t0, 3)
-        doc = _clean(doc)
+        doc = clean(doc)
         write_json(tmp / "metrics.json", doc)
         manifest = Workspace.read_dataset(plan.prepared_path).raw
         (tmp / "report.md").write_text(render_report(doc, manifest, images), encoding="utf-8")
+
+
+def _common(cfg: RunConfig, ws: Workspace, run: Path, plan: RunPlan, key: str) -> dict:
+    return {
+        "run": {  # no path of this machine: workspace-relative paths, the base model by name + fingerprint
+            "path": portable_path(ws, run),
+            "key": run.name,
+            "method": plan.method,
+            "base_model": base_model_facts(plan)["name"],
+            "base_model_fingerprint": plan.base_model_fingerprint,
+            "dataset_fingerprint": plan.dataset_fingerprint,
+            "prepared_path": portable_path(ws, plan.prepared_path),
+        },
+        "evaluation": cfg.evaluation.model_dump(mode="json"),
+        "key": key,
+        "eval_version": EVAL_VERSION,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def evaluate_run(cfg: RunConfig, run_dir: str | Path) -> EvalResult:
@@ -260,11 +269,17 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path) -> EvalResult:
     run = Path(run_dir).resolve()
     plan = RunPlan.read(run)
     task, labels = plan.task, plan.labels
-    primary = primary_metric(task, cfg.evaluation.primary_metric, len(labels))
     key = evaluation_key(cfg, run)
-    final = Workspace.at(cfg.workspace).evaluation(key)
+    ws = Workspace.at(cfg.workspace)
+    final = ws.evaluation(key)
     if (final / "metrics.json").is_file():
         return _result(final, reused=True)
+    if task == "sft":
+        from tasks.evaluation.sft_eval import write_sft_evaluation
+
+        write_sft_evaluation(final, cfg, run, plan, _common(cfg, ws, run, plan, key), t0)
+        return _result(final, reused=False)
+    primary = primary_metric(task, cfg.evaluation.primary_metric, len(labels))
     test = load_split(plan.prepared_path, "test")
     y_test = test["label"].tolist()
     scored = _score_splits(plan, run, test, cfg)
@@ -281,9 +296,9 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path) -> EvalResult:
     comparison = compare(primary, metrics.get(primary), baselines)
     extra, extra_warn = _extra_metrics(
         cfg.evaluation.extra_metrics,
-        task,
         y_test if task != "multi_label" else (np.stack(y_test) >= 0.5).astype(int),
         pred,
+        cfg.evaluation.trust_metric_code,
     )
     doc = {
         "task": task,
@@ -297,20 +312,9 @@ def evaluate_run(cfg: RunConfig, run_dir: str | Path) -> EvalResult:
         "comparison": comparison,
         "extra_metrics": extra,
         "warnings": _warnings(primary, metrics, comparison) + [f"WARNING: {w}" for w in extra_warn],
-        "run": {
-            "path": str(run),
-            "key": run.name,
-            "method": plan.method,
-            "base_model": plan.base_model_name,
-            "dataset_fingerprint": plan.dataset_fingerprint,
-            "prepared_path": plan.prepared_path,
-        },
-        "evaluation": cfg.evaluation.model_dump(mode="json"),
-        "key": key,
-        "eval_version": EVAL_VERSION,
+        **_common(cfg, ws, run, plan, key),
         "prediction_seconds": round(scored["seconds"], 3),
         "texts_per_second": round(len(test) / max(scored["seconds"], 1e-9), 1),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if task == "multi_label":
         doc["thresholds"] = _threshold_doc(labels, scored, at_half)

@@ -47,6 +47,8 @@ def _summary(doc: dict) -> list[str]:
     ]
     for name, c in comp["baselines"].items():
         verdict = {True: "beats", False: "LOSES TO", None: "cannot be compared with"}[c["model_beats"]]
+        if c.get("tie"):
+            verdict = "only TIES (not a win) with"
         lines.append(
             f"- the fine-tuned model {verdict} the {name} baseline on {primary}: "
             f"{_fmt(comp['model'])} vs {_fmt(c['value'])} (delta {_delta(c['delta'])})"

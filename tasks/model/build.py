@@ -61,10 +61,19 @@ class BuiltModel:
         }
 
 
-def auto_class():
+def auto_class(task: str = "single_label"):
+    """The transformers Auto class of a task: a causal LM for instruction tuning, a sequence classifier otherwise."""
+    if task == "sft":
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
     from transformers import AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification
+
+
+def peft_task_type(task: str) -> str:
+    return "CAUSAL_LM" if task == "sft" else "SEQ_CLS"
 
 
 def model_config(
@@ -78,12 +87,17 @@ def model_config(
     target_name: str = "target",
     head: str = "pooler",
 ):
-    """The base config with the classification facts set: num_labels, id2label/label2id, problem_type, pad.
+    """The base config with the classification facts set: num_labels, id2label/label2id, problem_type, pad
+    (instruction tuning: the base config, with the pad token).
 
     head "mean": the base config wrapped in the mean-pooling head's config (tasks/model/heads.py)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code, revision=revision)
+    if task == "sft":
+        if pad_token_id is not None:
+            config.pad_token_id = pad_token_id
+        return config
     if head == "mean":
         from tasks.model.heads import wrap_config
 
@@ -111,20 +125,22 @@ def plan_config(plan: RunPlan, pad_token_id: int | None = None):
     )
 
 
-def meta_model(config, trust_remote_code: bool = False):
+def meta_model(config, trust_remote_code: bool = False, task: str = "single_label"):
     """The model on the meta device: shapes and names, no memory, nothing loaded."""
     import torch
 
     with torch.device("meta"):
-        return auto_class().from_config(config, trust_remote_code=trust_remote_code)
+        return auto_class(task).from_config(config, trust_remote_code=trust_remote_code)
 
 
-def head_module_names(model) -> list[str]:
+def head_module_names(model, task: str = "single_label") -> list[str]:
     """Qualified names of the modules the classification head needs trained and saved.
 
     The head is every top-level child outside the backbone that holds parameters (classifier, score,
     pre_classifier, ...), plus the backbone's pooler when it has one (BERT's head reads the pooled output).
     """
+    if task == "sft":  # a language model's head is its (often tied) lm_head: adapters train the body
+        return []
     prefix = getattr(model, "base_model_prefix", "")
     heads = [name for name, child in model.named_children() if name != prefix and any(True for _ in child.parameters())]
     backbone = getattr(model, prefix, None)
@@ -176,8 +192,25 @@ def find_target_modules(model, head_modules: list[str]) -> list[str]:
     )
 
 
+def all_linear_targets(model, heads: list[str]) -> list[str]:
+    """`all-linear`: leaf names of every linear layer of the backbone (never the head or the lm_head)."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip = {n for n, m in model.named_modules() if out is not None and m is out}
+    return sorted(
+        {
+            n.rsplit(".", 1)[-1]
+            for n, m in model.named_modules()
+            if n and is_linear(m) and n not in skip and not _in_heads(n, heads)
+        }
+    )
+
+
 def resolve_targets(meta, heads: list[str], wanted) -> list[str]:
-    return find_target_modules(meta, heads) if wanted == "auto" else list(wanted)
+    if wanted == "auto":
+        return find_target_modules(meta, heads)
+    if wanted == "all-linear":
+        return all_linear_targets(meta, heads)
+    return list(wanted)
 
 
 def build_model(plan: RunPlan, pad_token_id: int | None = None) -> BuiltModel:
@@ -186,15 +219,15 @@ def build_model(plan: RunPlan, pad_token_id: int | None = None) -> BuiltModel:
 
     method = get_method(plan.method)
     config = plan_config(plan, pad_token_id)
-    meta = meta_model(config, plan.trust_remote_code)
-    heads = head_module_names(meta)
+    meta = meta_model(config, plan.trust_remote_code, plan.task)
+    heads = head_module_names(meta, plan.task)
     targets = resolve_targets(meta, heads, plan.method_settings.get("target_modules", "auto")) if method.adapter else []
     del meta
     torch.manual_seed(plan.seed)  # the new head (and adapters) start the same way every time
     model = method.load_base(
         plan.base_model,
         config,
-        auto_class=auto_class(),
+        auto_class=auto_class(plan.task),
         device=plan.device,
         quantization=plan.quantization,
         trust_remote_code=plan.trust_remote_code,
@@ -209,7 +242,7 @@ def build_model(plan: RunPlan, pad_token_id: int | None = None) -> BuiltModel:
         settings=plan.method_settings,
         targets=targets,
         heads=heads,
-        task_type="SEQ_CLS",
+        task_type=peft_task_type(plan.task),
         gradient_checkpointing=plan.gradient_checkpointing,
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -57,7 +57,7 @@ def load_run_base(plan: RunPlan, pad_token_id: int | None, device: str = "cpu", 
         return loader.load_base(
             plan.base_model,
             plan_config(plan, pad_token_id),
-            auto_class=auto_class(),
+            auto_class=auto_class(plan.task),
             device=device,
             quantization=plan.quantization,
             trust_remote_code=plan.trust_remote_code,
@@ -83,7 +83,7 @@ def load_trained_model(run_dir: str | Path, device: str | None = None):
     method = get_method(plan.method)
     model = method.load_trained(
         str(model_dir),
-        auto_class=auto_class(),
+        auto_class=auto_class(plan.task),
         trust_remote_code=plan.trust_remote_code,
         device=device,
         load_base=lambda quantized: load_run_base(plan, tokenizer.pad_token_id, device, quantized),
@@ -141,13 +141,21 @@ def load_weights(model, weights: dict) -> int:
     return len(weights)
 
 
+def exported_task(model_dir: str | Path) -> str:
+    """ "sft" for a saved causal language model, the classification default otherwise (from config.json)."""
+    from tasks.workspace import read_facts
+
+    archs = read_facts(Path(model_dir) / "config.json", "exported model").get("architectures") or []
+    return "sft" if any(str(a).endswith("ForCausalLM") for a in archs) else "single_label"
+
+
 def load_exported_model(model_dir: str | Path, trust_remote_code: bool = False, device: str | None = None):
     """An exported HF folder (merged weights + tokenizer) as (model, tokenizer), in eval mode."""
     from tasks.model.heads import register
 
     register()  # the mean-pooling head loads without remote code in this process
     tok = load_tokenizer(str(model_dir), trust_remote_code=trust_remote_code)
-    model = auto_class().from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    model = auto_class(exported_task(model_dir)).from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     model.to(device or default_device()).eval()

@@ -16,15 +16,16 @@ from pathlib import Path
 
 from tasks.config import RunConfig
 from tasks.data.prepare import load_split
-from tasks.evaluation.scoring import batched_logits, compare_outputs
+from tasks.evaluation.evaluate import base_model_facts, portable_path
 from tasks.files import atomic_dir, folder_stamp, sha256_file, sha256_json, write_json
 from tasks.model.methods import get_method
 from tasks.plan import RunPlan
 from tasks.release.merge import ExportError, MergeError, check_finite, merge_adapter
+from tasks.release.probes import Probe, classification_probe, probe_for
 from tasks.release.provenance import code_version, package_versions
 from tasks.workspace import Workspace, WorkspaceError
 
-EXPORT_VERSION = "2"
+EXPORT_VERSION = "3"  # 3: lineage.json and the card record no local paths
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 __all__ = ["ExportError", "ExportResult", "MergeError", "export_key", "export_run", "heldout_fingerprint"]
@@ -67,22 +68,18 @@ def export_key(cfg: RunConfig, run_dir: str | Path, eval_dir: str | Path) -> str
 
 
 def verification_texts(plan: RunPlan, cfg: RunConfig) -> tuple[list[str], list[str] | None]:
-    """The test rows the merge and ONNX checks run on: all, or a seeded sample of export.verify_max_rows."""
-    df = load_split(plan.prepared_path, "test")
-    n = cfg.export.verify_max_rows
-    if n and len(df) > n:  # a seeded sample in file order: a test file sorted by label gives no one-class head
-        df = df.sample(n=n, random_state=cfg.data.split.seed).sort_index()
-    pairs = df["text_pair"].astype(str).tolist() if "text_pair" in df.columns else None
-    return df["text"].astype(str).tolist(), pairs
+    """The test texts the merge and ONNX checks of a classifier run on: all, or a seeded sample."""
+    probe = classification_probe(plan, cfg)
+    return probe.texts, probe.pairs
 
 
-def _model_and_logits(run: Path, plan: RunPlan, texts, pairs, cfg: RunConfig, tmp: Path):
+def _model_and_logits(run: Path, plan: RunPlan, probe: Probe, cfg: RunConfig, tmp: Path):
     """(model to save, tokenizer, verification figures, its logits): merged and verified, or the full fine-tune."""
     from tasks.model.loading import load_exported_model, model_dir_of
 
     model_dir = model_dir_of(run)
     if get_method(plan.method).adapter:
-        model, tok, figures, logits = merge_adapter(run, texts, pairs, cfg)
+        model, tok, figures, logits = merge_adapter(run, probe, cfg)
         (tmp / "adapter").mkdir()
         for f in ADAPTER_FILES:
             shutil.copy2(model_dir / f, tmp / "adapter" / f)
@@ -90,34 +87,45 @@ def _model_and_logits(run: Path, plan: RunPlan, texts, pairs, cfg: RunConfig, tm
     for f in model_dir.glob("*.safetensors"):
         check_finite(f)
     model, tok = load_exported_model(model_dir, plan.trust_remote_code)
-    logits = batched_logits(model, tok, texts, pairs, plan.max_length, cfg.evaluation.batch_size)
+    logits = probe.logits(model, tok)
     figures = {
         "method": plan.method,
         "merged": False,
         "reason": "full fine-tuning: no adapter to merge",
         "tolerance": cfg.export.merge_tolerance,
-        "rows": len(texts),
+        "rows": probe.rows,
         "passed": True,
     }
     return model, tok, figures, logits
 
 
-def _save_and_check(model, tok, plan: RunPlan, tmp: Path, texts, pairs, logits, figures: dict, cfg: RunConfig):
+def _save_and_check(model, tok, plan: RunPlan, tmp: Path, probe: Probe, logits, figures: dict, cfg: RunConfig):
     """Save the model with its labels, reload it from disk and check it reproduces the in-memory logits."""
     from tasks.model.loading import load_exported_model
 
-    if len(plan.labels) == model.config.num_labels:
-        model.config.id2label = dict(enumerate(plan.labels))
-        model.config.label2id = {lab: i for i, lab in enumerate(plan.labels)}
-    model.config.problem_type = plan.problem_type
+    if plan.task != "sft":
+        if len(plan.labels) == model.config.num_labels:
+            model.config.id2label = dict(enumerate(plan.labels))
+            model.config.label2id = {lab: i for i, lab in enumerate(plan.labels)}
+        model.config.problem_type = plan.problem_type
     model.to("cpu").save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
     reloaded, rtok = load_exported_model(tmp, plan.trust_remote_code)
-    again = batched_logits(reloaded, rtok, texts, pairs, plan.max_length, cfg.evaluation.batch_size)
-    figures["saved_vs_in_memory"] = compare_outputs(logits, again, plan.problem_type, cfg.export.merge_tolerance)
+    again = probe.logits(reloaded, rtok)
+    figures["saved_vs_in_memory"] = probe.compare(logits, again, cfg.export.merge_tolerance)
     if figures["saved_vs_in_memory"]["max_abs_logit_diff"] > cfg.export.merge_tolerance:
         raise MergeError(f"the saved export does not reproduce the in-memory model: {figures['saved_vs_in_memory']}")
     return reloaded, rtok
+
+
+def _portable_plan(plan: RunPlan, ws: Workspace) -> dict:
+    """The plan as the lineage records it: no memory estimate, no path of this machine."""
+    out = {k: v for k, v in plan.to_json().items() if k != "memory_estimate"}
+    for k in ("prepared_path", "tokenized_path", "tokenizer_path", "start_adapter"):
+        if out.get(k):
+            out[k] = portable_path(ws, out[k])
+    out["base_model"] = out["base_model_name"] = base_model_facts(plan)["name"]
+    return out
 
 
 def _lineage(
@@ -143,18 +151,27 @@ def _lineage(
         "task": plan.task,
         "problem_type": plan.problem_type,
         "labels": list(plan.labels),
-        "run": {"path": ws.relative(run), "key": run.name},
-        "evaluation": {"path": ws.relative(evald), "key": evald.name},
-        "base_model_name": plan.base_model_name,
+        "run": {"path": portable_path(ws, run), "key": run.name},
+        "evaluation": {"path": portable_path(ws, evald), "key": evald.name},
+        "base_model": base_model_facts(plan),  # a Hub id, or a folder's name + fingerprint: never a local path
+        "base_model_name": base_model_facts(plan)["name"],
         "base_model_fingerprint": plan.base_model_fingerprint,
         "dataset_fingerprint": plan.dataset_fingerprint,
         "test_set_fingerprint": heldout_fingerprint(plan.prepared_path),
-        "prepared": ws.relative(plan.prepared_path),
-        "tokenized": ws.relative(plan.tokenized_path),
+        "prepared": portable_path(ws, plan.prepared_path),
+        "tokenized": portable_path(ws, plan.tokenized_path),
         "config_hash": sha256_json(plan.identity())[:16],
         "data": {
             k: (cfg.data.model_dump(mode="json")).get(k)
-            for k in ("text_column", "text_pair_column", "label_column", "label_delimiter")
+            for k in (
+                "text_column",
+                "text_pair_column",
+                "label_column",
+                "label_delimiter",
+                "prompt_column",
+                "response_column",
+                "messages_column",
+            )
         },
         "max_length": plan.max_length,
         "trust_remote_code": plan.trust_remote_code,
@@ -178,7 +195,7 @@ def _lineage(
                     "effective_batch_size",
                 )
             },
-            "plan": {k: v for k, v in plan.to_json().items() if k not in ("memory_estimate",)},
+            "plan": _portable_plan(plan, ws),
         },
         "timings": timings,
         "merge_verification": figures,
@@ -212,23 +229,23 @@ def export_run(cfg: RunConfig, run_dir: str | Path, eval_dir: str | Path) -> Exp
             round(time.perf_counter() - t0, 3),
             lin.onnx,
         )
-    texts, pairs = verification_texts(plan, cfg)
+    probe = probe_for(plan, cfg)
     timings: dict[str, float] = {}
     with atomic_dir(final) as tmp:
         t = time.perf_counter()
-        model, tok, figures, logits = _model_and_logits(run, plan, texts, pairs, cfg, tmp)
+        model, tok, figures, logits = _model_and_logits(run, plan, probe, cfg, tmp)
         timings["merge_and_verify_s"] = round(time.perf_counter() - t, 3)
         t = time.perf_counter()
-        reloaded, rtok = _save_and_check(model, tok, plan, tmp, texts, pairs, logits, figures, cfg)
+        reloaded, rtok = _save_and_check(model, tok, plan, tmp, probe, logits, figures, cfg)
         timings["reload_check_s"] = round(time.perf_counter() - t, 3)
         onnx = None
-        if cfg.export.onnx:
+        if cfg.export.onnx and plan.task != "sft":
             onnx = export_onnx(
                 reloaded,
                 rtok,
                 tmp / "onnx",
-                texts,
-                pairs,
+                probe.texts,
+                probe.pairs,
                 plan.max_length,
                 max(cfg.export.merge_tolerance, 1e-4),
                 logits,

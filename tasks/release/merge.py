@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 
 from tasks.config import ModelConfig, RunConfig
-from tasks.evaluation.scoring import batched_logits, compare_outputs
 from tasks.model.methods import get_method
 from tasks.plan import RunPlan
 from tasks.workspace import Workspace
@@ -111,7 +110,7 @@ def _dequantized_adapter_model(run: Path, figures: dict, logits) -> tuple[Any, A
     return model, tok, q_logits
 
 
-def merge_adapter(run_dir: str | Path, texts: list[str], pairs: list[str] | None, cfg: RunConfig):
+def merge_adapter(run_dir: str | Path, probe, cfg: RunConfig):
     """Merge the run's adapter into a full-precision base and verify it: (merged model, tokenizer, figures, logits).
 
     Checks before acting: finite adapter weights, the base the adapter was trained on, no layer merged twice.
@@ -126,18 +125,15 @@ def merge_adapter(run_dir: str | Path, texts: list[str], pairs: list[str] | None
 
     run, plan = Path(run_dir), RunPlan.read(run_dir)
     method = get_method(plan.method)
-    tol, bs = cfg.export.merge_tolerance, cfg.evaluation.batch_size
+    tol = cfg.export.merge_tolerance
     check_finite(run / "model" / "adapter_model.safetensors")
     check_base(plan, Workspace.at(cfg.workspace))
-
-    def logits(model, tok):
-        return batched_logits(model, tok, texts, pairs, plan.max_length, bs)
-
+    logits = probe.logits
     figures: dict[str, Any] = {
         "method": plan.method,
         "merged": True,
         "tolerance": tol,
-        "rows": len(texts),
+        "rows": probe.rows,
         "quantized_reference": method.quantized,
     }
     t0 = time.perf_counter()
@@ -149,6 +145,7 @@ def merge_adapter(run_dir: str | Path, texts: list[str], pairs: list[str] | None
     if any(getattr(m, "merged", False) for m in model.modules() if isinstance(m, BaseTunerLayer)):
         raise MergeError(f"{run}: adapter layers are already merged; refusing to merge twice")
     adapter_logits = logits(model, tok)
+    adapter_answers = probe.answers(model, tok) if probe.answers else None
     with model.disable_adapter():
         base_logits = logits(model, tok)
     try:
@@ -159,11 +156,20 @@ def merge_adapter(run_dir: str | Path, texts: list[str], pairs: list[str] | None
     if bad:
         raise MergeError(f"merged weights {', '.join(bad[:5])} are not finite; nothing was written")
     merged_logits = logits(merged, tok)
+    if adapter_answers is not None:  # greedy answers to a few prompts: the merged model must say the same
+        merged_answers = probe.answers(merged, tok)
+        figures["greedy_identical"] = sum(a == b for a, b in zip(adapter_answers, merged_answers, strict=True))
+        figures["greedy_prompts"] = len(adapter_answers)
     figures["seconds"] = round(time.perf_counter() - t0, 3)
-    figures["merged_vs_adapter"] = compare_outputs(adapter_logits, merged_logits, plan.problem_type, tol)
-    figures["adapter_effect_max_logit_diff"] = float(np.abs(adapter_logits - base_logits).max()) if len(texts) else 0.0
+    figures["merged_vs_adapter"] = probe.compare(adapter_logits, merged_logits, tol)
+    effect = (
+        np.abs(adapter_logits[:, :3] - base_logits[:, :3])
+        if plan.task == "sft"
+        else np.abs(adapter_logits - base_logits)
+    )
+    figures["adapter_effect_max_logit_diff"] = float(effect.max()) if effect.size else 0.0
     if q_logits is not None:
-        figures["merged_vs_quantized"] = compare_outputs(q_logits, merged_logits, plan.problem_type, tol)
+        figures["merged_vs_quantized"] = probe.compare(q_logits, merged_logits, tol)
         figures["min_agreement"] = cfg.export.qlora_min_agreement
     problems = _problems(figures, tol)
     figures["passed"] = not problems

@@ -29,16 +29,29 @@ def _table(rows: list[list[Any]], head: list[str]) -> str:
     return "\n".join(lines)
 
 
+def base_model(lineage: dict) -> dict:
+    """The lineage's base model facts (export.py: name, source, hub_id, fingerprint), with the Hub id of the
+    bundled model (HUB_NAMES). A lineage written before [2-2] has only base_model_name: a path stays a folder name."""
+    facts = lineage.get("base_model")
+    if not isinstance(facts, dict):
+        name = str(lineage.get("base_model_name") or facts or "")
+        local = name.startswith((".", "/", "~")) or name.count("/") > 1
+        facts = {"name": name.rstrip("/").rsplit("/", 1)[-1] if local else name, "hub_id": None if local else name}
+    return {**facts, "hub_id": HUB_NAMES.get(facts.get("name")) or facts.get("hub_id")}
+
+
 def front_matter(lineage: dict, metrics: dict) -> dict:
-    base = HUB_NAMES.get(lineage.get("base_model_name"), lineage.get("base_model_name") or lineage.get("base_model"))
+    """The card's YAML header; `base_model` only when it is a Hub id (a local folder's name would link nowhere)."""
+    base = base_model(lineage)
     values = metrics.get("metrics", {})
     task_type = "text-classification"
     return {
         "library_name": "transformers",
         "pipeline_tag": "text-classification",
-        "base_model": base,
+        **({"base_model": base["hub_id"]} if base["hub_id"] else {}),
         "tags": ["text-classification", "fine-tuned", lineage["method"], lineage.get("task") or "single_label"],
         "finetune": {
+            "base_model": base["name"],
             "method": lineage["method"],
             "dataset_fingerprint": lineage.get("dataset_fingerprint"),
             "test_set_fingerprint": lineage.get("test_set_fingerprint"),
@@ -116,7 +129,7 @@ def _model_section(lineage: dict) -> list[str]:
         _table(
             [
                 ["method", lineage["method"]],
-                ["base model", lineage.get("base_model_name")],
+                ["base model", base_model(lineage)["hub_id"] or base_model(lineage)["name"]],
                 ["base model fingerprint", lineage.get("base_model_fingerprint")],
                 ["labels", ", ".join(map(str, lineage.get("labels") or [])) or "(regression)"],
                 ["problem type", lineage.get("problem_type")],
@@ -293,7 +306,7 @@ def render_model_card(lineage: dict, metrics: dict, plan: RunPlan, search: dict 
         f"# {lineage.get('name') or 'model'}",
         "",
         f"A {lineage.get('task') or 'text classification'} model fine-tuned from "
-        f"`{front_matter(lineage, metrics)['base_model']}` with **{lineage['method']}**.",
+        f"`{base_model(lineage)['hub_id'] or base_model(lineage)['name']}` with **{lineage['method']}**.",
         "",
     ]
     lines += _model_section(lineage) + _training_section(lineage, plan, search) + _evaluation_section(metrics)

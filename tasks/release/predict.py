@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 
 from tasks.evaluation.scoring import batched_logits, scores_from_logits
-from tasks.files import read_json
 from tasks.model.loading import load_exported_model
-from tasks.workspace import Workspace
+from tasks.workspace import Workspace, read_facts
 
 
 class PredictError(ValueError):
@@ -100,6 +99,46 @@ def predict_frame(
     return out
 
 
+def generate_frame(
+    df,
+    model_dir: str | Path,
+    lineage: dict[str, Any],
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    progress: bool = True,
+    source: Path = Path("<input>"),
+    text_column: str | None = None,
+):
+    """An instruction-tuned model's greedy answers: the input frame plus `response`. Rows are prompts (the
+    column the model was trained on, `prompt`, or --text-column) or conversations (a `messages` column)."""
+    from tasks.data.chat import to_messages
+    from tasks.evaluation.sft_eval import generate
+
+    data = lineage.get("data", {})
+    if "messages" in df.columns and text_column is None:
+        conversations = []
+        for i, value in enumerate(df["messages"]):
+            msgs, problem = to_messages({"messages": value}, "messages")
+            if not msgs:
+                raise PredictError(f"input file {source} row {i + 1}, column 'messages': {problem}")
+            conversations.append(msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs)
+    else:
+        col = text_column or data.get("prompt_column") or "prompt"
+        conversations = [[{"role": "user", "content": p}] for p in _column(df, col, source, "--text-column")]
+    model, tok = load_exported_model(model_dir, bool(lineage.get("trust_remote_code", False)))
+    starts = range(0, len(conversations), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, total=len(starts), desc="generate", unit="batch")
+    answers: list[str] = []
+    for s in starts:
+        answers += generate(model, tok, conversations[s : s + batch_size], max_new_tokens, batch_size)
+    out = df.copy()
+    out["response"] = answers
+    return out
+
+
 def predict_file(
     workspace: str | Path,
     model_ref: str,
@@ -109,25 +148,32 @@ def predict_file(
     text_column: str | None = None,
     text_pair_column: str | None = None,
     progress: bool = True,
+    max_new_tokens: int = 128,
 ) -> PredictResult:
-    """Score a file with a registered model `NAME[@VERSION]` (default: the production version); write a CSV."""
+    """Score a file with a registered model `NAME[@VERSION]` (default: the production version); write a CSV.
+    The name is validated before it becomes a path (RegistryError: never a model outside the workspace)."""
     t0 = time.perf_counter()
     name, version, vdir = Workspace.at(workspace).resolve_ref(model_ref)
     source = Path(input_path)
     df = _read_table(source)
-    lineage = read_json(vdir / "lineage.json")
-    metrics = read_json(vdir / "metrics.json") if (vdir / "metrics.json").exists() else {}
-    out = predict_frame(
-        df,
-        vdir / "model",
-        lineage,
-        metrics.get("thresholds"),
-        text_column,
-        text_pair_column,
-        batch_size,
-        progress,
-        source,
-    )
+    lineage = read_facts(vdir / "lineage.json", "registered version")
+    metrics = read_facts(vdir / "metrics.json", "registered version") if (vdir / "metrics.json").exists() else {}
+    if lineage.get("task") == "sft":
+        out = generate_frame(
+            df, vdir / "model", lineage, max_new_tokens, min(batch_size, 8), progress, source, text_column
+        )
+    else:
+        out = predict_frame(
+            df,
+            vdir / "model",
+            lineage,
+            metrics.get("thresholds"),
+            text_column,
+            text_pair_column,
+            batch_size,
+            progress,
+            source,
+        )
     dest = Path(output_path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")

@@ -143,6 +143,60 @@ def compare(new: dict, champion: dict | None, min_delta: float, promote_if_not_c
     }
 
 
+def baseline_checks(new: dict, baselines: dict, must_beat: list[str], min_delta: float) -> list[dict]:
+    """One check per baseline in `must_beat`: the new version must beat it on the primary metric by min_delta
+    (strictly: a tie is not a win). A baseline that was not scored fails its check (it cannot be shown beaten)."""
+    metric, value = new["primary_metric"], float(new["primary_value"])
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    checks = []
+    for name in must_beat:
+        base = ((baselines.get(name) or {}).get("metrics") or {}).get(metric)
+        if not isinstance(base, (int, float)):
+            checks.append(
+                {
+                    "check": f"beats {name}",
+                    "passed": False,
+                    "baseline_value": None,
+                    "delta": None,
+                    "why": f"the {name} baseline was not scored on {metric} (evaluation.baselines is off?); set "
+                    "registry.must_beat to the baselines to check, or [] to skip the check",
+                }
+            )
+            continue
+        delta = sign * (value - float(base))
+        passed = delta > 0 and delta >= min_delta
+        why = f"{metric} {value:.4f} vs {name} {float(base):.4f} ({delta:+.4f})" + (
+            "" if passed else (" - a tie is not a win" if delta == 0 else f", needs > 0 and >= min_delta {min_delta:g}")
+        )
+        checks.append(
+            {"check": f"beats {name}", "passed": passed, "baseline_value": float(base), "delta": delta, "why": why}
+        )
+    return checks
+
+
+def must_beat(rcfg, task: str | None) -> list[str]:
+    """registry.must_beat, or the task's own baselines: the base model for sft, majority and TF-IDF otherwise."""
+    if rcfg.must_beat is not None:
+        return list(rcfg.must_beat)
+    return ["base"] if task == "sft" else ["majority", "tfidf"]
+
+
+def decide(new: dict, champion: dict | None, baselines: dict, rcfg, task: str | None = None) -> dict:
+    """The whole gate: beat the required baselines, then production (when there is one and it is comparable)."""
+    comparison = compare(new, champion, rcfg.min_delta, rcfg.promote_if_not_comparable)
+    checks = baseline_checks(new, baselines, must_beat(rcfg, task), rcfg.min_delta)
+    failed = [c for c in checks if not c["passed"]]
+    comparison["baseline_checks"] = checks
+    if failed:
+        comparison["decision"] = "keep"
+        comparison["reason"] = (
+            "failed the baseline check: "
+            + "; ".join(f"{c['check']}: {c['why']}" for c in failed)
+            + ("; production unchanged" if champion else "; not promoted")
+        )
+    return comparison
+
+
 def _check_inputs(export_dir: Path, eval_dir: Path) -> tuple[dict, dict]:
     missing = [f for f in REQUIRED_EXPORT_FILES if not (export_dir / f).is_file()]
     if not list(export_dir.glob("*.safetensors")):
@@ -235,9 +289,8 @@ def register_version(cfg: RunConfig, export_dir: str | Path, eval_dir: str | Pat
         numbers, aliases = ws.version_numbers(rcfg.name), ws.aliases(rcfg.name)
         champ = aliases.get("production")
         version = (numbers[-1] if numbers else 0) + 1
-        comparison = compare(
-            new, ws.version_facts(rcfg.name, champ) if champ else None, rcfg.min_delta, rcfg.promote_if_not_comparable
-        )
+        champion = ws.version_facts(rcfg.name, champ) if champ else None
+        comparison = decide(new, champion, metrics.get("baselines") or {}, rcfg, metrics.get("task"))
         promoted = comparison["decision"] == "promote" and rcfg.promote
         if comparison["decision"] == "promote" and not rcfg.promote:
             comparison["reason"] += " (but registry.promote is false: not promoted)"

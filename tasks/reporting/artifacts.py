@@ -165,7 +165,12 @@ def run_report(folders: dict[str, str | None], records: dict[str, Any]) -> str:
         ]
         comp = reg.get("comparison") or {}
         if comp:
-            lines += [f"- decision: {json.dumps(comp, default=str)}"]
+            lines += [f"- decision: **{comp.get('decision')}**: {comp.get('reason')}"]
+            lines += [
+                f"- gate check {c['check']}: {'passed' if c['passed'] else '**FAILED**'} ({c['why']})"
+                for c in comp.get("baseline_checks") or []
+            ]
+            lines += [f"- full record: `{json.dumps(comp, default=str)}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -188,6 +193,15 @@ def publish(name: str, folders: dict[str, str | None], records: dict[str, Any]) 
             key = artifact_key(name, "confusion-matrix")
             create_table_artifact(
                 confusion_rows(ev), key=key, description="Confusion matrix on the test split (rows: true)."
+            )
+            made[key] = "table"
+        samples = Path(evaluation) / "samples.json"
+        if samples.exists():  # instruction tuning: prompts with the base model's and the fine-tuned model's answers
+            key = artifact_key(name, "samples")
+            create_table_artifact(
+                read_json(samples),
+                key=key,
+                description="Sample test prompts: reference, base model and fine-tuned answers.",
             )
             made[key] = "table"
     run = folders.get("run")

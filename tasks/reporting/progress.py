@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tasks.reporting.artifacts import artifact_key
 
+progress_log = logging.getLogger("finetune.progress")
 LIBRARY_LOGGERS = {
     "transformers": logging.WARNING,
     "peft": logging.WARNING,
@@ -88,25 +89,42 @@ def training_progress(name: str, run: Path, epochs: int, every_s: float = 2.0):
         artifact_id = None
     stop, forward = threading.Event(), _LogForwarder(run, logger)
 
+    def report(last: dict) -> None:
+        pct = min(100.0, 100.0 * float(last["epoch"]) / epochs)
+        progress_log.info(
+            "train %.1f%%",
+            pct,
+            extra={
+                "stage": "train",
+                "state": "Progress",
+                "seconds": 0.0,
+                "fraction": pct / 100.0,
+                "epoch": float(last["epoch"]),
+                "epochs": epochs,
+                "step": last.get("step"),
+                "loss": last.get("loss"),
+            },
+        )
+        if artifact_id:
+            with contextlib.suppress(Exception):
+                update_progress_artifact(
+                    artifact_id,
+                    pct,
+                    description=(
+                        f"epoch {float(last['epoch']):.2f}/{epochs}, step {last.get('step')}, "
+                        f"loss {last.get('loss', float('nan')):.4f}"
+                    ),
+                )
+
     def poll():
-        seen = 0.0
+        seen = None
         while not stop.wait(every_s):
             with contextlib.suppress(Exception):
                 forward()
             last = last_step(run / "metrics.jsonl")
-            if artifact_id and last and last.get("epoch") is not None:
-                pct = min(100.0, 100.0 * float(last["epoch"]) / epochs)
-                if pct != seen:
-                    seen = pct
-                    with contextlib.suppress(Exception):
-                        update_progress_artifact(
-                            artifact_id,
-                            pct,
-                            description=(
-                                f"epoch {float(last['epoch']):.2f}/{epochs}, step {last.get('step')}, "
-                                f"loss {last.get('loss', float('nan')):.4f}"
-                            ),
-                        )
+            if last and last.get("epoch") is not None and last.get("step") != seen:
+                seen = last.get("step")
+                report(last)
 
     thread = threading.Thread(target=poll, name="training-progress", daemon=True)
     thread.start()

@@ -40,6 +40,7 @@ def run_summary(evaluated, exported, registered, folders: dict) -> dict:
         "metrics": evaluated.metrics,
         "baselines": evaluated.baselines,
         "beats_tfidf": evaluated.beats_tfidf,
+        "warnings": list(evaluated.warnings),
         "model_dir": str(Path(registered.path) / "model"),
         "version": registered.version,
         "promoted": registered.promoted,

@@ -27,6 +27,14 @@ class Rows:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def weight(self, idx: list[int]) -> int:
+        """What a loss summed over these rows is divided by: one per sample."""
+        return len(idx)
+
+    @property
+    def total_weight(self) -> int:
+        return len(self)
+
     def collate(self, idx: list[int], device: str):
         import torch
 
@@ -45,6 +53,15 @@ class Rows:
         lab = [self.labels[i] for i in idx]
         dtype = torch.long if self.task == "single_label" else torch.float32
         return batch, torch.tensor(lab, dtype=dtype, device=device)
+
+
+def load_rows(path: str, task: str, pad_id: int, packing: bool = False, max_length: int = 0):
+    """The split's rows for the training loop: classification rows or instruction-tuning token rows."""
+    if task == "sft":
+        from tasks.data.sft_rows import TokenRows
+
+        return TokenRows(path, pad_id, packing, max_length)
+    return Rows(path, task, pad_id)
 
 
 def plan_epoch(

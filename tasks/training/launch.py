@@ -19,10 +19,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.files import read_json, write_json
+from tasks.files import write_json
 from tasks.plan import RunPlan
 from tasks.training import worker  # imported (not only named) so that the loop's code is part of this stage's code
-from tasks.workspace import Workspace
+from tasks.workspace import Workspace, read_facts
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER_MODULE = worker.__name__
@@ -62,8 +62,17 @@ def run_dir(plan: RunPlan, ws: Workspace) -> Path:
 
 
 def worker_command(run: Path, processes: int) -> list[str]:
+    """The child's command. Under torchrun the child is the worker module's launcher mode, which locks the run
+    folder, arranges to die with this process and then becomes (exec) the torchrun launcher; the workers torchrun
+    starts die with it in turn (tasks/training/worker.py)."""
     if processes > 1:
         return [
+            sys.executable,
+            "-m",
+            WORKER_MODULE,
+            worker.LAUNCH_FLAG,
+            str(run),
+            "--",
             sys.executable,
             "-m",
             "torch.distributed.run",
@@ -77,13 +86,19 @@ def worker_command(run: Path, processes: int) -> list[str]:
 
 
 def launch_worker(run: Path, processes: int, timeout_s: float, attempt: int, threads: int | None = None) -> int:
-    """Run the child in its own process group; kill the whole group past timeout_s. Returns the exit code."""
+    """Run the child in its own process group; kill the whole group past timeout_s. Returns the exit code.
+
+    The child dies with this process (worker.die_with_parent: a `kill -9` of the flow leaves no orphan training on)
+    and holds the run folder's lock (worker.CHILD_LOCK) for its whole life."""
     logs = run / "logs"
     logs.mkdir(exist_ok=True)
     log_file = logs / f"attempt-{attempt}.log"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if env.get("FINETUNE_QUIET") and env.get("TRANSFORMERS_VERBOSITY") == "error":
+        env.pop("TRANSFORMERS_VERBOSITY")  # the terminal is quiet; the child's log file keeps library warnings
+    env[worker.PARENT_ENV] = str(os.getpid())  # the child checks it is still ours once it can no longer be orphaned
     if threads:  # parallel search trials share the CPU cores instead of oversubscribing them
         env["FINETUNE_TORCH_THREADS"] = str(threads)
     with open(log_file, "w", encoding="utf-8") as out:
@@ -119,9 +134,10 @@ def tail(path: Path, lines: int = 30) -> str:
 
 
 def finished(run: Path) -> bool:
+    """A finished run or trial; a damaged training_summary.json is a WorkspaceError naming it and the fix."""
     if not (run / "training_summary.json").exists():
         return False
-    return (run / "model").is_dir() or bool(read_json(run / "training_summary.json").get("trial"))
+    return (run / "model").is_dir() or Workspace.read_summary(run).trial
 
 
 def result_of(run: Path, reused: bool) -> TrainResult:
@@ -186,6 +202,11 @@ def _back_off(run: Path, plan: RunPlan, backoffs: list[dict], log_file: Path) ->
 
 
 def _failure(rc: int, log_file: Path) -> TrainingError:
+    if rc == worker.EXIT_BUSY:
+        return TrainingError(
+            f"another training process holds the run folder {log_file.parent.parent} (its {worker.CHILD_LOCK}); "
+            f"this attempt did not start (log: {log_file}):\n{tail(log_file)}"
+        )
     how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
     if rc == -signal.SIGKILL:
         how += " (SIGKILL: killed from outside, e.g. by the kernel's out-of-memory killer)"
@@ -228,7 +249,9 @@ def train(
         if search_summary:
             write_json(run / "lr_search.json", search_summary)
         backoffs: list[dict] = (
-            read_json(run / "oom_backoff.json")["events"] if (run / "oom_backoff.json").exists() else []
+            list(read_facts(run / "oom_backoff.json", "training run").get("events") or [])
+            if (run / "oom_backoff.json").exists()
+            else []
         )
         attempt = len(list((run / "logs").glob("attempt-*.log"))) + 1 if (run / "logs").is_dir() else 1
         deadline = time.monotonic() + plan.timeout_s
@@ -243,7 +266,7 @@ def train(
             if not (run / OOM_MARKER).exists():
                 raise _failure(rc, log_file)
             current = _back_off(run, current, backoffs, log_file)
-        summary = read_json(run / "training_summary.json")
+        summary = read_facts(run / "training_summary.json", "training run")
         summary["oom_backoffs"] = backoffs
         write_json(run / "training_summary.json", summary)
     return result_of(run, reused=False)

@@ -33,7 +33,7 @@ import numpy as np
 
 from tasks.files import write_json
 from tasks.plan import RunPlan
-from tasks.training.batching import Rows, micro_batches, plan_epoch
+from tasks.training.batching import load_rows, micro_batches, plan_epoch
 from tasks.training.checkpoints import latest_valid_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from tasks.training.finish import finish_trial, restore_best, save_model, validate
 from tasks.training.losses import class_weight_vector, is_better, make_loss
@@ -130,8 +130,8 @@ def setup(run_dir: str | Path) -> Session:
     tokenizer, built = _build(run, plan, rank)
     torch.manual_seed(plan.seed + rank)  # dropout streams differ per process
     tok_dir = Path(plan.tokenized_path)
-    train = Rows(str(tok_dir / "train"), plan.task, tokenizer.pad_token_id)
-    val = Rows(str(tok_dir / "validation"), plan.task, tokenizer.pad_token_id)
+    train = load_rows(str(tok_dir / "train"), plan.task, tokenizer.pad_token_id, plan.packing, plan.max_length)
+    val = load_rows(str(tok_dir / "validation"), plan.task, tokenizer.pad_token_id, plan.packing, plan.max_length)
     loss_fn = make_loss(plan.task, class_weight_vector(plan.task, plan.labels, dataset.class_weights), device)
     steps_per_epoch = len(
         plan_epoch(train.lengths, plan.effective_batch_size, world, plan.seed, 0, plan.group_by_length)
@@ -213,7 +213,7 @@ def optimizer_step(s: Session, global_batch: list[int]) -> float:
             batch, y = s.train.collate(mb, s.device)
             with s.autocast():
                 logits = s.model(**batch).logits
-            loss = s.loss_fn(logits, y) / len(global_batch)
+            loss = s.loss_fn(logits, y) / s.train.weight(global_batch)  # samples, or answer tokens for sft
             if s.hooks.nan_above is not None and float(s.plan.learning_rate) > s.hooks.nan_above:
                 loss = loss * float("nan")
             (s.scaler.scale(loss * s.world) if s.scaler else loss * s.world).backward()

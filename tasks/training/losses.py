@@ -13,13 +13,14 @@ import numpy as np
 
 from tasks.config import ConfigError
 
-LOSS_FOR_TASK = {"single_label": "cross_entropy", "multi_label": "bce", "regression": "mse"}
+LOSS_FOR_TASK = {"single_label": "cross_entropy", "multi_label": "bce", "regression": "mse", "sft": "cross_entropy"}
 METRICS_FOR_TASK = {
     "single_label": ("accuracy", "f1_macro", "f1_weighted"),
     "multi_label": ("f1_micro", "f1_macro", "subset_accuracy"),
     "regression": ("mse", "mae", "r2"),
+    "sft": ("perplexity",),
 }
-LOWER_IS_BETTER = {"loss", "val_loss", "mse", "mae"}
+LOWER_IS_BETTER = {"loss", "val_loss", "mse", "mae", "perplexity", "response_loss"}
 
 
 def resolve_loss(task: str, configured: str = "auto") -> str:
@@ -81,6 +82,10 @@ def make_loss(task: str, weights: list[float] | None = None, device: str = "cpu"
             return per.mean(dim=-1).sum()
 
         return bce
+    if task == "sft":
+        from tasks.data.sft_rows import causal_lm_loss
+
+        return causal_lm_loss
     if task == "regression":
 
         def mse(logits, labels):

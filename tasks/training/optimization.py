@@ -49,11 +49,25 @@ def autocast_factory(precision: str, device: str):
 
 
 def evaluate(model, rows: Rows, loss_fn, batch_size: int, device: str, autocast) -> dict:
-    """Validation loss (same objective as training) and task metrics."""
+    """Validation loss (same objective as training) and task metrics (instruction tuning: loss per target token
+    and its perplexity; the logits of a language model are never collected)."""
+    import math
+
     import torch
 
     order = np.argsort(-rows.lengths, kind="stable").tolist()
     total, outs, ys = 0.0, [], []
+    if rows.task == "sft":
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for i in range(0, len(order), batch_size):
+                batch, labels = rows.collate(order[i : i + batch_size], device)
+                with autocast():
+                    total += float(loss_fn(model(**batch).logits, labels))
+        model.train(was_training)
+        loss = total / rows.total_weight
+        return {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
     was_training = model.training
     model.eval()
     with torch.no_grad():

@@ -20,8 +20,11 @@ from tasks.plan import PLAN_VERSION, RunPlan
 from tasks.training.losses import METRICS_FOR_TASK, check_early_stopping_metric, resolve_loss
 from tasks.workspace import DatasetFacts, TokenizedFacts, Workspace, read_facts
 
-PRIMARY_METRIC = {"single_label": "f1_macro", "multi_label": "f1_micro", "regression": "r2"}
-LOWER_IS_BETTER = {"loss", "val_loss", "mse", "mae", "rmse", "hamming_loss"}
+# What early stopping and the rate search select on by default: the evaluation's primary metric, computed on
+# validation; for instruction tuning the validation loss on the response tokens (generation is too slow to run
+# at every epoch and trial).
+PRIMARY_METRIC = {"single_label": "f1_macro", "multi_label": "f1_micro", "regression": "r2", "sft": "val_loss"}
+LOWER_IS_BETTER = {"loss", "val_loss", "mse", "mae", "rmse", "hamming_loss", "perplexity", "response_loss"}
 
 
 def default_rungs(train_rows: int, effective_batch: int) -> list[int]:
@@ -105,6 +108,7 @@ def _method(cfg: RunConfig, base: str, micro: int, device: str, num_labels: int)
 
 
 def _head_modules(plan_fields: dict) -> list[str]:
+    """Modules kept out of 4-bit: the classification head (new, trained), or a language model's output layer."""
     from tasks.model.build import head_module_names, meta_model, model_config
 
     config = model_config(
@@ -116,7 +120,11 @@ def _head_modules(plan_fields: dict) -> list[str]:
         target_name=plan_fields["target_name"],
         head=plan_fields["head"],
     )
-    return head_module_names(meta_model(config, plan_fields["trust_remote_code"]))
+    meta = meta_model(config, plan_fields["trust_remote_code"], plan_fields["task"])
+    if plan_fields["task"] == "sft":
+        out = meta.get_output_embeddings()
+        return [n for n, m in meta.named_modules() if out is not None and m is out]
+    return head_module_names(meta, plan_fields["task"])
 
 
 def start_adapter(cfg: RunConfig, ws: Workspace) -> Path | None:
@@ -142,7 +150,7 @@ def learning_rate_for(cfg: RunConfig, method_name: str) -> tuple[float | None, s
 
 def _search(cfg: RunConfig, method_name: str, task: str, train_rows: int) -> dict:
     s = cfg.training.search
-    metric = cfg.evaluation.primary_metric or PRIMARY_METRIC[task]
+    metric = PRIMARY_METRIC["sft"] if task == "sft" else (cfg.evaluation.primary_metric or PRIMARY_METRIC[task])
     return {
         "candidates": [float(c) for c in (s.candidates or get_method(method_name).search_candidates)],
         "rungs": [int(r) for r in (s.rung_steps or default_rungs(train_rows, cfg.training.effective_batch_size))],
@@ -158,7 +166,7 @@ def resolve_plan(
 ) -> RunPlan:
     """Every setting of the run, resolved here and nowhere else."""
     t, task = cfg.training, dataset.task
-    base = resolve_model(cfg.model)
+    base = resolve_model(cfg.model, ws.root)
     device = device or _device()
     micro, accum = batch_plan(t.effective_batch_size, t.processes, t.micro_batch_size)
     num_labels = 1 if task == "regression" else len(dataset.labels)
@@ -168,7 +176,10 @@ def resolve_plan(
     on_gpu = device.startswith("cuda")
     from tasks.model.heads import resolve_head
 
-    head, head_reason = resolve_head(cfg.model.head, base, cfg.model.revision)
+    if task == "sft":
+        head, head_reason = "lm_head", "instruction tuning: the language model's own output layer"
+    else:
+        head, head_reason = resolve_head(cfg.model.head, base, cfg.model.revision)
     rate, rate_source = learning_rate_for(cfg, method_name)
     adapter = start_adapter(cfg, ws) if method.adapter else None
     fields = dict(
@@ -182,7 +193,7 @@ def resolve_plan(
         max_length=cfg.data.max_length,
         base_model=base,
         base_model_name=cfg.model.name_or_path,
-        base_model_fingerprint=model_fingerprint(cfg.model, memo_dir=ws.fingerprints),
+        base_model_fingerprint=model_fingerprint(cfg.model, memo_dir=ws.fingerprints, workspace=ws.root),
         tokenizer_path=tokenized.tokenizer,
         head=head,
         head_reason=head_reason,
@@ -222,6 +233,7 @@ def resolve_plan(
         search=_search(cfg, method_name, task, dataset.rows.get("train", 0)),
         precision_note=precision_note,
         memory_estimate=estimate,
+        packing=bool(cfg.data.packing) if task == "sft" else False,
     )
     if method.quantized:
         compute = _compute_dtype(str(cfg.method.compute_dtype), device)
@@ -244,7 +256,7 @@ def plan_key(cfg: RunConfig, dataset_fingerprint: str, tokenized_key: str, ws: W
             "start_adapter_version": str(adapter.parents[1].name) if adapter else None,
             "dataset": dataset_fingerprint,
             "tokenized": tokenized_key,
-            "base_model": model_fingerprint(cfg.model, memo_dir=ws.fingerprints),
+            "base_model": model_fingerprint(cfg.model, memo_dir=ws.fingerprints, workspace=ws.root),
             "hardware": hardware_signature(),
             "plan_version": PLAN_VERSION,
         }

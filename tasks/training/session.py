@@ -83,11 +83,25 @@ def append(path: Path, obj: dict) -> None:
         fh.write(json.dumps(obj) + "\n")
 
 
+def _records(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) for each intact line of a metrics.jsonl; a line cut short (the process was killed or the disk
+    filled up mid-append) is skipped, never a JSONDecodeError."""
+    out = []
+    for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append((ln, rec))
+    return out
+
+
 def rewrite_metrics(path: Path, upto_step: int) -> None:
-    """After a resume, drop metric lines written after the checkpoint (they are trained again)."""
+    """After a resume, drop metric lines written after the checkpoint (they are trained again), and damaged ones."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= upto_step]
+    keep = [ln for ln, rec in _records(path) if rec.get("step", 0) <= upto_step]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(ln + "\n" for ln in keep))
     os.replace(tmp, path)
@@ -96,5 +110,5 @@ def rewrite_metrics(path: Path, upto_step: int) -> None:
 def last_eval(path: Path) -> dict | None:
     if not path.exists():
         return None
-    evals = [json.loads(ln) for ln in path.read_text().splitlines() if '"eval"' in ln]
+    evals = [rec for _, rec in _records(path) if rec.get("type") == "eval"]
     return evals[-1] if evals else None

@@ -5,6 +5,7 @@ pure helpers every stage uses (training for validation metrics, evaluation, base
 classification, values for regression) into flat metric floats; `metric_details` adds per-class
 figures and the confusion matrix. Hub metrics cannot load offline, so the project's own modules are
 loaded with `evaluate.load(<local folder>)`; `load_extra_metric` loads user-named ones and explains failures.
+Loading an `evaluate` module runs its code: only the shipped ones load unless evaluation.trust_metric_code.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ from pathlib import Path
 import numpy as np
 
 METRICS_DIR = Path(__file__).resolve().parent
+SHIPPED_METRICS = (
+    "classification",
+    "regression",
+    "generation",
+)  # the modules in METRICS_DIR: always allowed as extra metrics
 TASKS = ("single_label", "multi_label", "regression")
 DEFAULT_PRIMARY = {"single_label": "f1_macro", "multi_label": "f1_micro", "regression": "r2"}
 # Per-label decision thresholds tried on validation: 0.05 steps, plus tails down to 0.001 and up to 0.999
@@ -44,7 +50,9 @@ THRESHOLD_GRID = tuple(
 # everywhere gave test micro-F1 0.344 (TF-IDF) and 0.479 (MiniLM, full) on a 0.05..0.95 grid, 0.258 and 0.485
 # on this grid; with the shared threshold for labels under 10 positives, 0.442 and 0.517 on either grid.
 MIN_POSITIVES_PER_LABEL = 10
-LOWER_IS_BETTER = frozenset({"mse", "rmse", "mae", "hamming_loss", "loss", "val_loss"})
+LOWER_IS_BETTER = frozenset(
+    {"mse", "rmse", "mae", "hamming_loss", "loss", "val_loss", "response_loss", "perplexity", "forgetting_ratio"}
+)
 
 _SINGLE = (
     "accuracy",
@@ -121,11 +129,21 @@ def load_metric(kind: str, config_name: str | None = None):
     return evaluate.load(str(path), config_name, keep_in_memory=True)
 
 
-def load_extra_metric(name: str):
-    """A user-named metric: `name` or `name:config`, a Hub id or a local folder. Raises MetricError explaining why not."""
+def load_extra_metric(name: str, trust_code: bool = False):
+    """A user-named metric: `name` or `name:config`. The shipped modules (SHIPPED_METRICS) load by name from
+    METRICS_DIR; any other name (a Hub id, a folder, a module `evaluate` looks up) runs that module's Python code,
+    so it loads only with `trust_code` (evaluation.trust_metric_code). Raises MetricError explaining why not."""
     import evaluate
 
     base, _, config = name.partition(":")
+    if base in SHIPPED_METRICS:  # by path: a folder of that name in the current directory is never picked up
+        return evaluate.load(str(METRICS_DIR / base), config or None, keep_in_memory=True)
+    if not trust_code:
+        raise MetricError(
+            f"extra metric '{name}' is not one of the shipped metric modules ({', '.join(SHIPPED_METRICS)}); loading "
+            "it would run its Python code (a local folder's or a Hub module's), and evaluation.trust_metric_code is "
+            "false; fix: use a shipped module, or review that code and set evaluation.trust_metric_code: true"
+        )
     try:
         return evaluate.load(base, config or None, keep_in_memory=True)
     except Exception as exc:  # noqa: BLE001 - any failure becomes one clear message
@@ -136,7 +154,7 @@ def load_extra_metric(name: str):
         )
         raise MetricError(
             f"extra metric '{name}' could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); "
-            f"{hint}; a local folder with <name>/<name>.py also works, e.g. {METRICS_DIR / 'classification'}"
+            f"{hint}; a local folder with <name>/<name>.py also works (with evaluation.trust_metric_code)"
         ) from exc
 
 
