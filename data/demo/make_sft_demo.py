@@ -3,8 +3,8 @@
 
 Each row asks for three fields of one message as a JSON object, and the answer is checkable exactly:
   intent   the message's label (billing, technical_issue, shipping, account_access, refund, feedback)
-  product  the first Lumora product the message names, or null
-  order    the order number (the digits after '#'), or null
+  product  the first Lumora product the message names (in any case, answered with its catalogue spelling), or null
+  order    the order number's six digits (written #123456, order 123456, LH-123456 or #LH123456), or null
 
 Written by this script alone from the project's own synthetic messages (standard library; the output is
 byte-identical on every run). `configs/sft-demo.yaml` trains on it.
@@ -39,13 +39,17 @@ PRODUCTS = [
 INSTRUCTION = "Support message to JSON (intent, product, order):"
 
 
+ORDER = re.compile(r"(?<![\d.,$€£])(\d{6})(?![\d.])")  # every demo message names at most one six-digit number
+
+
 def first_product(text: str) -> str | None:
-    found = [(text.find(p), p) for p in PRODUCTS if p in text]
+    lower = text.lower()
+    found = [(lower.find(p.lower()), p) for p in PRODUCTS if p.lower() in lower]
     return min(found)[1] if found else None
 
 
 def answer(text: str, label: str) -> str:
-    order = re.search(r"#(\d+)", text)
+    order = ORDER.search(text)
     return json.dumps({"intent": label, "product": first_product(text), "order": order.group(1) if order else None})
 
 

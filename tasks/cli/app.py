@@ -149,10 +149,15 @@ QUIET_ENV = {
 
 def quiet_libraries(verbose: bool) -> None:
     import os
+    import warnings
 
     if not verbose:
         for k, v in QUIET_ENV.items():
             os.environ.setdefault(k, v)
+        # the libraries' notices about their own future APIs (e.g. peft asking transformers for
+        # `is_gradient_checkpointing`) say nothing about the user's run
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 class _StageView(logging.Handler):

@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 from pathlib import Path
 
 from tasks.files import atomic_dir, write_json
@@ -55,13 +57,31 @@ def smollm2_gguf() -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _quiet_gguf_progress():
+    """transformers' GGUF reader draws a plain tqdm bar that ignores its progress-bar switch; the CLI's quiet mode
+    (FINETUNE_QUIET, without --verbose) hides it for the one conversion, then restores it."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if not os.environ.get("FINETUNE_QUIET") or bar is None:
+        yield
+        return
+    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF checkpoint into a plain transformers model folder (safetensors + tokenizer)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _quiet_gguf_progress():
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are dequantized: a plain model from here on
