@@ -251,6 +251,13 @@ class TrainingConfig(_Section):
         None,
         description="Recompute activations in backward (less memory, slower). None: on for qlora on a GPU, off otherwise.",
     )
+    optimizer: Literal["auto", "adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = Field(
+        "auto",
+        description="adamw: torch's fused AdamW (two fp32 moments); adamw_8bit: bitsandbytes' AdamW with 8-bit "
+        "moments (CPU and CUDA); paged_adamw_8bit / paged_adamw_32bit: bitsandbytes' paged AdamW, whose state "
+        "spills to CPU memory under GPU memory pressure (CUDA only). auto: paged_adamw_32bit for qlora on a GPU "
+        "(the QLoRA paper's recipe), adamw otherwise.",
+    )
 
 
 class EvaluationConfig(_Section):

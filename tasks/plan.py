@@ -116,6 +116,7 @@ class RunPlan:
     packing: bool = False  # sft: short examples packed into rows of max_length tokens
     precision_note: str | None = None
     memory_estimate: dict | None = None
+    optimizer: str = "adamw"  # training.optimizer resolved (auto -> paged_adamw_32bit for qlora on CUDA); in the keys
     device_note: str | None = None
     version: str = PLAN_VERSION
 

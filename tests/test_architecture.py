@@ -15,7 +15,15 @@ PACKAGES = ("tasks", "flows")
 LAYERS = [
     (
         "foundation",
-        ("tasks.files", "tasks.plan", "tasks.workspace", "tasks.config", "tasks.config_checks", "tasks.config_loading"),
+        (
+            "tasks.files",
+            "tasks.plan",
+            "tasks.workspace",
+            "tasks.config",
+            "tasks.config_checks",
+            "tasks.config_loading",
+            "tasks.optimizers",
+        ),
     ),
     (
         "sub-packages",

@@ -51,6 +51,7 @@ def test_qlora_trains_in_4bit_on_cuda_with_bf16_compute_and_exports_a_faithful_m
 
     assert plan["device"].startswith("cuda")
     assert plan["quantization"]["compute_dtype"] == "bfloat16"  # auto on a bf16-capable GPU
+    assert plan["optimizer"] == "paged_adamw_32bit"  # training.optimizer=auto for a 4-bit base on CUDA
     four_bit = [m for m in trained.modules() if type(m).__module__.startswith("bitsandbytes")]  # not peft's wrappers
     assert four_bit and all(m.weight.device.type == "cuda" for m in four_bit)
     losses = step_losses(run)

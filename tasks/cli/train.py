@@ -81,6 +81,7 @@ def estimate_command(
             trust_remote_code=cfg.model.trust_remote_code,
             revision=cfg.model.revision,
             device=default_device(),
+            optimizer=t.optimizer,
         )
     except _user_errors() as exc:
         _fail(exc)

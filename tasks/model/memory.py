@@ -14,6 +14,7 @@ from typing import Any
 
 from tasks.model.build import head_module_names, is_linear, meta_model, resolve_targets
 from tasks.model.methods import AUTO_PREFERENCE, METHODS, ParameterCounts
+from tasks.optimizers import STATE_BYTES, resolve_optimizer
 
 
 def available_memory_bytes(device: str) -> int:
@@ -88,10 +89,13 @@ def estimate_memory(
     revision: str | None = None,
     device: str = "cpu",
     headroom: float = 0.8,
+    optimizer: str = "auto",
 ) -> dict:
     """Training memory per method (weights, gradients, optimizer state, activations) and the auto choice.
 
-    `headroom` is the share of available memory a plan may use."""
+    `headroom` is the share of available memory a plan may use; `optimizer` is training.optimizer, resolved per
+    method (8-bit state is a quarter of AdamW's two fp32 moments). A method the optimizer cannot run with on this
+    device (a paged optimizer off CUDA) does not fit."""
     from transformers import AutoConfig
 
     on_gpu = device.startswith("cuda")
@@ -122,16 +126,24 @@ def estimate_memory(
     }
     for kind, method in METHODS.items():
         parts = method.memory(counts, on_gpu)
+        try:
+            opt = resolve_optimizer(optimizer, method.quantized, device)
+        except ValueError as exc:
+            opt, refused = None, f"training.optimizer: {exc}"
+        parts["optimizer"] *= STATE_BYTES.get(opt or "adamw", 8.0) / 8.0
         extra = parts.pop("dora_weight_norm", 0.0)
         # libraries + allocator slack on CPU, the CUDA context on a GPU (measured ~0.5 GB)
         parts.update(activations=act + extra, runtime=0.5 * 1024**3)
         tot = sum(parts.values())
         out["methods"][kind] = {k: _gb(v) for k, v in parts.items()} | {
             "total_gb": _gb(tot),
-            "fits": tot <= budget,
+            "optimizer_kind": opt,
+            "fits": opt is not None and tot <= budget,
             "bytes": {k: int(v) for k, v in parts.items()} | {"total": int(tot)},
         }
     out["choice"], out["reason"] = _choose(counts.total, {k: v["fits"] for k, v in out["methods"].items()})
+    if all(m["optimizer_kind"] is None for m in out["methods"].values()):
+        out["reason"] = refused
     return out
 
 

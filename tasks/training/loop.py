@@ -144,7 +144,7 @@ def setup(run_dir: str | Path) -> Session:
     if plan.is_trial:  # warm up over the trial's own budget, then its full rate to the end (module docstring)
         epochs = min(epochs, math.ceil(plan.trial_max_steps / max(1, steps_per_epoch)))
         warmup, total = int(round(plan.warmup_ratio * plan.trial_max_steps)), None
-    optimizer = make_optimizer(built.model, float(plan.learning_rate), plan.weight_decay)
+    optimizer = make_optimizer(built.model, float(plan.learning_rate), plan.weight_decay, plan.optimizer)
     scaler = torch.amp.GradScaler("cuda") if (device.startswith("cuda") and plan.precision == "fp16") else None
     s = Session(
         run,

@@ -6,6 +6,7 @@ import contextlib
 
 import numpy as np
 
+from tasks.optimizers import BNB_OPTIMIZERS
 from tasks.training.batching import Rows
 from tasks.training.losses import validation_metrics
 
@@ -24,15 +25,27 @@ def linear_schedule(optimizer, warmup: int, total: int | None):
     return LambdaLR(optimizer, factor)
 
 
-def make_optimizer(model, lr: float, weight_decay: float):
-    import torch
-
+def parameter_groups(model, weight_decay: float) -> list[dict]:
+    """Trainable parameters: matrices with weight decay, biases and norms (1-d) without."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    groups = [g for g in groups if g["params"]]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model, lr: float, weight_decay: float, kind: str = "adamw"):
+    """The plan's optimizer (plan.optimizer, resolved by the planner) over the model's trainable parameters."""
+    import torch
+
+    groups = parameter_groups(model, weight_decay)
+    if kind in BNB_OPTIMIZERS:
+        import bitsandbytes as bnb
+
+        return getattr(bnb.optim, BNB_OPTIMIZERS[kind])(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    if kind != "adamw":
+        raise ValueError(f"unknown optimizer {kind!r}; known: adamw, {', '.join(BNB_OPTIMIZERS)}")
     try:  # the fused kernel (CPU and CUDA) is several times faster than the per-tensor loop torch picks on CPU
         return torch.optim.AdamW(groups, lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):

@@ -16,6 +16,7 @@ from tasks.config import RunConfig
 from tasks.files import sha256_json, sha256_tree
 from tasks.model.base import hardware_signature, model_fingerprint, resolve_model
 from tasks.model.methods import get_method
+from tasks.optimizers import resolve_optimizer
 from tasks.plan import PLAN_VERSION, RunPlan
 from tasks.training.losses import METRICS_FOR_TASK, check_early_stopping_metric, resolve_loss
 from tasks.workspace import DatasetFacts, TokenizedFacts, Workspace, read_facts
@@ -101,10 +102,21 @@ def _method(cfg: RunConfig, base: str, micro: int, device: str, num_labels: int)
         device=device,
         trust_remote_code=cfg.model.trust_remote_code,
         revision=cfg.model.revision,
+        optimizer=cfg.training.optimizer,
     )
     if est["choice"] is None:
         raise ConfigError([("method.kind", f"auto: {est['reason']}")])
     return est["choice"], f"auto: {est['reason']}", est
+
+
+def _optimizer(setting: str, quantized: bool, device: str) -> str:
+    """training.optimizer resolved for the method and device (tasks/optimizers.py); errors name the field."""
+    from tasks.config import ConfigError
+
+    try:
+        return resolve_optimizer(setting, quantized, device)
+    except ValueError as exc:
+        raise ConfigError([("training.optimizer", str(exc))]) from None
 
 
 def _head_modules(plan_fields: dict) -> list[str]:
@@ -234,6 +246,7 @@ def resolve_plan(
         precision_note=precision_note,
         memory_estimate=estimate,
         packing=bool(cfg.data.packing) if task == "sft" else False,
+        optimizer=_optimizer(t.optimizer, method.quantized, device),
     )
     if method.quantized:
         compute = _compute_dtype(str(cfg.method.compute_dtype), device)
