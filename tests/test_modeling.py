@@ -111,7 +111,7 @@ def test_memory_estimate_and_auto_choice(tiny_bert, tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 64 * 1024**3)
     est = memory.estimate_memory(str(big), {"lora_r": 8}, micro_batch_size=4, max_length=256, device="cpu")
     assert est["parameters"] > 1e9 and est["choice"] == "lora"
-    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 8 * 1024**3)
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 5 * 1024**3)
     est = memory.estimate_memory(str(big), {"lora_r": 8}, micro_batch_size=4, max_length=256, device="cpu")
     assert est["choice"] == "qlora" and est["methods"]["qlora"]["fits"] and not est["methods"]["lora"]["fits"]
     monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 256 * 1024**2)

@@ -58,15 +58,41 @@ def train_command(config: ConfigArg, set_: SetOpt = None) -> None:
     typer.echo(f"  model: {result.model_dir}")
 
 
+def _estimate_base(cfg) -> str:
+    """The model to plan for: a local folder with a config.json is enough (no weights, no tokenizer)."""
+    from pathlib import Path
+
+    from tasks.model.base import resolve_model
+
+    p = Path(cfg.model.name_or_path).expanduser()
+    return str(p) if (p / "config.json").is_file() else resolve_model(cfg.model, cfg.workspace)
+
+
 def estimate_command(
     config: ConfigArg,
     set_: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON.")] = False,
+    device: Annotated[
+        str | None, typer.Option("--device", help="Plan for cuda or cpu (default: this machine's device).")
+    ] = None,
+    device_memory: Annotated[
+        str | None, typer.Option("--device-memory", help="The device's memory, e.g. 24GB or 80GiB (default: free).")
+    ] = None,
 ) -> None:
-    """Print the training memory per method (full, lora, qlora, dora) and what method.kind=auto picks."""
+    """Print the training memory per method (full, lora, qlora, dora), the micro-batch x accumulation that fits,
+    and what method.kind=auto picks. Only the model's config.json is read."""
     cfg = _load(config, set_)
+    if device not in (None, "cuda", "cpu"):
+        _fail(f"--device {device!r}: fix: --device cuda or --device cpu")
+    from tasks.model.memory import device_memory_known, parse_memory
+
     try:
-        from tasks.model.base import resolve_model
+        memory = parse_memory(device_memory) if device_memory else None
+    except ValueError as exc:
+        _fail(f"--device-memory: {exc}")
+    if device == "cuda" and memory is None and not device_memory_known(device):
+        _fail("--device cuda on a machine without a GPU: fix: give the GPU's memory, e.g. --device-memory 24GB")
+    try:
         from tasks.model.loading import default_device
         from tasks.model.memory import estimate_memory, format_estimate
         from tasks.training.planner import batch_plan
@@ -74,14 +100,19 @@ def estimate_command(
         t = cfg.training
         micro, _ = batch_plan(t.effective_batch_size, t.processes, t.micro_batch_size)
         est = estimate_memory(
-            resolve_model(cfg.model, cfg.workspace),
+            _estimate_base(cfg),
             cfg.method.model_dump(mode="json"),
             micro_batch_size=micro,
             max_length=cfg.data.max_length,
             trust_remote_code=cfg.model.trust_remote_code,
             revision=cfg.model.revision,
-            device=default_device(),
-            optimizer=t.optimizer,
+            device=device or default_device(),
+            device_memory=memory,
+            optimizer=getattr(t, "optimizer", "auto"),
+            effective_batch_size=t.effective_batch_size,
+            processes=t.processes,
+            task="sft" if cfg.data.task == "sft" else "single_label",
+            gradient_checkpointing=t.gradient_checkpointing,
         )
     except _user_errors() as exc:
         _fail(exc)

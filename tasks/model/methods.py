@@ -54,10 +54,16 @@ class Method:
     def checkpointing_default(self, on_gpu: bool) -> bool:
         return False
 
-    def memory(self, counts: ParameterCounts, on_gpu: bool) -> dict[str, float]:
-        """Bytes of weights, gradients and optimizer state (AdamW: two fp32 moments)."""
-        n = counts.total
-        return {"weights": 4.0 * n, "gradients": 4.0 * n, "optimizer": 8.0 * n}
+    def memory(
+        self, counts: ParameterCounts, on_gpu: bool, weight_bytes: float | None = None, trainable_bytes: float = 4.0
+    ) -> dict[str, float]:
+        """Bytes of weights, gradients and optimizer state in AdamW units (two fp32 moments, 8 bytes per trainable
+        parameter; the memory planner rescales it per optimizer). `weight_bytes`: 4 (fp32, this project's full
+        fine-tuning) unless told (2: pure bf16 training); on a GPU autocast also caches a 16-bit copy of every
+        fp32 linear weight during the step. `trainable_bytes` does not apply: here the weights are what trains."""
+        n, wb = counts.total, weight_bytes or 4.0
+        cache = 2.0 * counts.linear if (on_gpu and wb == 4.0) else 0.0
+        return {"weights": wb * n + cache, "gradients": wb * n, "optimizer": 8.0 * n}
 
     # ---- building ----------------------------------------------------------------------------------
     def load_base(
@@ -116,12 +122,16 @@ class LoRA(Method):
     def base_dtype(self, on_gpu: bool, precision: str) -> str:
         return "bfloat16" if (on_gpu and precision == "bf16") else "float32"
 
-    def memory(self, counts: ParameterCounts, on_gpu: bool) -> dict[str, float]:
+    def memory(
+        self, counts: ParameterCounts, on_gpu: bool, weight_bytes: float | None = None, trainable_bytes: float = 4.0
+    ) -> dict[str, float]:
+        """A frozen base (16-bit on a GPU, fp32 on CPU, unless `weight_bytes`) and trained adapters + head in
+        `trainable_bytes` (peft keeps adapters in fp32); the head is counted twice (modules_to_save copies it)."""
         trainable = counts.lora + counts.head
-        base_bytes = 2 if on_gpu else 4
+        base_bytes = weight_bytes or (2 if on_gpu else 4)
         return {
-            "weights": base_bytes * counts.total + 4.0 * trainable,
-            "gradients": 4.0 * trainable,
+            "weights": base_bytes * counts.total + trainable_bytes * trainable,
+            "gradients": trainable_bytes * trainable,
             "optimizer": 8.0 * trainable,
         }
 
@@ -171,12 +181,14 @@ class DoRA(LoRA):
     name = "dora"
     use_dora = True
 
-    def memory(self, counts: ParameterCounts, on_gpu: bool) -> dict[str, float]:
+    def memory(
+        self, counts: ParameterCounts, on_gpu: bool, weight_bytes: float | None = None, trainable_bytes: float = 4.0
+    ) -> dict[str, float]:
         trainable = counts.lora + counts.head + counts.dora_extra
-        base_bytes = 2 if on_gpu else 4
+        base_bytes = weight_bytes or (2 if on_gpu else 4)
         return {
-            "weights": base_bytes * counts.total + 4.0 * trainable,
-            "gradients": 4.0 * trainable,
+            "weights": base_bytes * counts.total + trainable_bytes * trainable,
+            "gradients": trainable_bytes * trainable,
             "optimizer": 8.0 * trainable,
             "dora_weight_norm": 8.0 * counts.biggest_target,
         }
@@ -204,12 +216,28 @@ class QLoRA(LoRA):
     def checkpointing_default(self, on_gpu: bool) -> bool:
         return on_gpu
 
-    def memory(self, counts: ParameterCounts, on_gpu: bool) -> dict[str, float]:
+    # NF4 stores two 4-bit values per byte plus one absmax per block of 64 weights: fp32 (4/64 byte per weight),
+    # or with double quantization an 8-bit absmax (1/64) and one fp32 constant per 256 blocks (4/16384).
+    NF4_BYTES: ClassVar[dict[bool, float]] = {True: 0.5 + 1 / 64 + 4 / 16384, False: 0.5 + 4 / 64}
+
+    def memory(
+        self,
+        counts: ParameterCounts,
+        on_gpu: bool,
+        weight_bytes: float | None = None,
+        trainable_bytes: float = 4.0,
+        double_quant: bool = True,
+    ) -> dict[str, float]:
+        """The backbone's linear layers in NF4; what bitsandbytes keeps out of 4-bit (embeddings, norms, the
+        head, a language model's lm_head) in fp32 (prepare_model_for_kbit_training upcasts it) unless
+        `weight_bytes`; adapters and head trained in `trainable_bytes`."""
         trainable = counts.lora + counts.head
-        other = counts.total - counts.linear  # embeddings, norms, head: not quantized
+        other = counts.total - counts.linear
         return {
-            "weights": counts.linear * (0.5 + 0.0161) + 4.0 * other + 4.0 * counts.lora,
-            "gradients": 4.0 * trainable,
+            "weights": counts.linear * self.NF4_BYTES[bool(double_quant)]
+            + (weight_bytes or 4.0) * other
+            + trainable_bytes * counts.lora,
+            "gradients": trainable_bytes * trainable,
             "optimizer": 8.0 * trainable,
         }
 

@@ -58,6 +58,16 @@ def early_stopping_metric(cfg: RunConfig, task: str) -> str:
     return primary if primary in METRICS_FOR_TASK[task] else PRIMARY_METRIC[task]
 
 
+# training.precision=auto on a CPU with native bf16 (avx512_bf16 / amx_bf16): bf16 autocast when True. Off until
+# its quality and speed are measured against fp32 (benchmarks/RESULTS.md, [2-5]).
+CPU_AUTO_BF16 = False
+
+
+def _cpu_has_bf16() -> bool:
+    hw = hardware_signature()
+    return bool(hw["avx512_bf16"] or hw["amx_bf16"])
+
+
 def _device() -> str:
     import torch
 
@@ -65,7 +75,13 @@ def _device() -> str:
 
 
 def _precision(setting: str, device: str) -> tuple[str, str | None]:
+    """(precision, note). On CPU: bf16 autocast when asked for (slow on CPUs without native bf16: the note says
+    so); fp16 has no fast CPU path, so it trains in fp32 with a note; auto stays fp32 (CPU_AUTO_BF16)."""
     if not device.startswith("cuda"):
+        native = _cpu_has_bf16()
+        if setting == "bf16" or (setting == "auto" and CPU_AUTO_BF16 and native):
+            note = None if native else "bf16 on a CPU without avx512_bf16/amx_bf16: emulated, likely slower than fp32"
+            return "bf16", note
         note = f"{setting} requested but training runs on CPU: fp32" if setting not in ("auto", "fp32") else None
         return "fp32", note
     if setting == "auto":
@@ -86,14 +102,12 @@ def _compute_dtype(setting: str, device: str) -> str:
     return "float32"
 
 
-def _method(cfg: RunConfig, base: str, micro: int, device: str, num_labels: int) -> tuple[str, str, dict | None]:
-    """(method name, why, memory estimate or None); `auto` asks the memory planner."""
-    if cfg.method.kind != "auto":
-        return cfg.method.kind, "method.kind in the config", None
-    from tasks.config import ConfigError
+def _estimate(cfg: RunConfig, base: str, micro: int, device: str, num_labels: int, task: str) -> dict:
+    """The memory planner's figures for this run (tasks/model/memory.py): only the base's config.json is read."""
     from tasks.model.memory import estimate_memory
 
-    est = estimate_memory(
+    t = cfg.training
+    return estimate_memory(
         base,
         cfg.method.model_dump(mode="json"),
         micro_batch_size=micro,
@@ -102,11 +116,40 @@ def _method(cfg: RunConfig, base: str, micro: int, device: str, num_labels: int)
         device=device,
         trust_remote_code=cfg.model.trust_remote_code,
         revision=cfg.model.revision,
-        optimizer=cfg.training.optimizer,
+        optimizer=getattr(t, "optimizer", "auto"),
+        effective_batch_size=t.effective_batch_size,
+        processes=t.processes,
+        task="sft" if task == "sft" else "single_label",
+        gradient_checkpointing=t.gradient_checkpointing,
     )
+
+
+def _method(
+    cfg: RunConfig, base: str, micro: int, device: str, num_labels: int, task: str = "single_label"
+) -> tuple[str, str, dict | None]:
+    """(method name, why, memory estimate or None); `auto` asks the memory planner."""
+    if cfg.method.kind != "auto":
+        return cfg.method.kind, "method.kind in the config", None
+    from tasks.config import ConfigError
+
+    est = _estimate(cfg, base, micro, device, num_labels, task)
     if est["choice"] is None:
         raise ConfigError([("method.kind", f"auto: {est['reason']}")])
     return est["choice"], f"auto: {est['reason']}", est
+
+
+def _memory_batch(cfg: RunConfig, method_name: str, estimate: dict, micro: int, accum: int) -> tuple[int, int, bool]:
+    """On a GPU with training.micro_batch_size unset: the largest micro-batch the memory planner found to fit (and
+    whether it needs gradient checkpointing); the OOM back-off starts from it. Elsewhere: the plan as configured."""
+    row = estimate["methods"].get(method_name) or {}
+    if cfg.training.micro_batch_size is not None or not row.get("fits"):
+        return micro, accum, False
+    m = int(row["micro_batch_size"])
+    return (
+        m,
+        max(1, cfg.training.effective_batch_size // (m * cfg.training.processes)),
+        bool(row["gradient_checkpointing"]),
+    )
 
 
 def _optimizer(setting: str, quantized: bool, device: str) -> str:
@@ -182,10 +225,16 @@ def resolve_plan(
     device = device or _device()
     micro, accum = batch_plan(t.effective_batch_size, t.processes, t.micro_batch_size)
     num_labels = 1 if task == "regression" else len(dataset.labels)
-    method_name, method_reason, estimate = _method(cfg, base, micro, device, num_labels)
+    method_name, method_reason, estimate = _method(cfg, base, micro, device, num_labels, task)
     method = get_method(method_name)
     precision, precision_note = _precision(t.precision, device)
     on_gpu = device.startswith("cuda")
+    needs_checkpointing = False
+    from tasks.model.memory import device_memory_known
+
+    if on_gpu and device_memory_known(device):  # the first micro-batch comes from the memory planner's figures
+        estimate = estimate or _estimate(cfg, base, micro, device, num_labels, task)
+        micro, accum, needs_checkpointing = _memory_batch(cfg, method_name, estimate, micro, accum)
     from tasks.model.heads import resolve_head
 
     if task == "sft":
@@ -235,7 +284,7 @@ def resolve_plan(
         base_dtype=method.base_dtype(on_gpu, precision),
         gradient_checkpointing=bool(t.gradient_checkpointing)
         if t.gradient_checkpointing is not None
-        else method.checkpointing_default(on_gpu),
+        else (method.checkpointing_default(on_gpu) or needs_checkpointing),
         timeout_s=t.timeout_s,
         save_every_steps=t.save_every_steps,
         revision=cfg.model.revision,
