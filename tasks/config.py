@@ -237,7 +237,9 @@ class TrainingConfig(_Section):
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     group_by_length: bool = Field(True, description="Batch texts of similar length together (less padding).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on capable GPUs, fp32 on CPU."
+        "auto",
+        description="auto: bf16 on capable GPUs (fp16 on older ones), fp32 on CPU; bf16 on a CPU: autocast to bfloat16 "
+        "(weights, optimizer state, evaluation and exports stay float32; fast on CPUs with avx512_bf16 or AMX).",
     )
     processes: int = Field(1, ge=1, le=64, description=">1 launches torchrun with that many processes (DDP).")
     seed: int = 42
@@ -315,6 +317,15 @@ class ExportConfig(_Section):
         "test split is larger (None: all of it). The checks are arithmetic (a wrong merge moves most rows), so a "
         "sample finds what the whole split would; on AG News' 7,600 rows the whole split made the export take "
         "longer than the training.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Exported weights' dtype; 16-bit halves files and merge memory (looser merge check)."
+    )
+    shard_merge: bool = Field(
+        True, description="Merge LoRA one safetensors tensor at a time (QLoRA, DoRA: in memory through peft)."
+    )
+    max_shard_size: str = Field(
+        "5GB", pattern=r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", description="Largest exported file."
     )
 
 
