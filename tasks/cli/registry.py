@@ -92,7 +92,15 @@ def registry_rollback(name: NameArg, workspace: WorkspaceOpt = Path("workspace")
 
 
 def predict(
-    model: Annotated[str, typer.Option("--model", "-m", help="NAME or NAME@VERSION (default: production).")],
+    model: Annotated[
+        list[str],
+        typer.Option(
+            "--model",
+            "-m",
+            help="NAME or NAME@VERSION (default: production). Repeat it for several adapter versions of one base: "
+            "the base loads once, each version writes columns prefixed NAME@VERSION_.",
+        ),
+    ],
     input: Annotated[Path, typer.Option("--input", "-i", help="CSV (or .tsv/.jsonl/.parquet) with a text column.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="CSV to write: input columns + prediction, score.")],
     workspace: WorkspaceOpt = Path("workspace"),
@@ -110,12 +118,25 @@ def predict(
     from tasks.release.predict import PredictError, predict_file
     from tasks.release.registry import RegistryError
 
+    args = (input, output, batch_size, text_column, text_pair_column, progress, max_new_tokens)
     try:
-        r = predict_file(
-            workspace, model, input, output, batch_size, text_column, text_pair_column, progress, max_new_tokens
-        )
+        if len(model) > 1:
+            from tasks.release.multi_adapter import predict_many
+
+            m = predict_many(workspace, model, *args)
+        else:
+            r = predict_file(workspace, model[0], *args)
     except (PredictError, RegistryError, WorkspaceError) as exc:
         _fail(exc)
+    if len(model) > 1:
+        mem = m.memory
+        typer.echo(
+            f"{m.rows} rows scored with {', '.join(m.models)} on one base -> {m.path} ({m.seconds:.1f}s)\n"
+            f"memory: base {mem['base_bytes'] / 2**20:.1f} MB loaded once for {mem['models']} models "
+            f"(+ adapters {mem['adapters_bytes'] / 2**20:.2f} MB): {mem['saved_mb']:.1f} MB saved against loading "
+            f"each alone; summary: {m.summary}"
+        )
+        return
     typer.echo(f"{r.rows} rows scored with {r.model} version {r.version} -> {r.path} ({r.seconds:.1f}s)")
 
 

@@ -110,6 +110,46 @@ def load_adapter_model(run_dir: str | Path, quantized: bool = False, device: str
     return model.eval(), tok
 
 
+def tensor_bytes(model) -> int:
+    """Bytes of `model`'s parameters and buffers as they sit in memory (a tied or shared tensor counted once;
+    a 4-bit weight by its packed storage)."""
+    import itertools
+
+    seen, total = set(), 0
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.device.type == "meta":
+            continue
+        key = (str(t.device), t.untyped_storage().data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def load_adapters_on_base(
+    plan: RunPlan, adapters: dict[str, Path], pad_token_id: int | None, device: str | None = None
+):
+    """(PeftModel, bytes of the base): the base `plan` trained on, loaded once (4-bit as trained for a quantized
+    method), with each adapter folder attached under its name (peft `load_adapter`); switch with `set_adapter`."""
+    from peft import PeftModel
+
+    from tasks.model.heads import register
+
+    register()
+    device = device or default_device()
+    base = load_run_base(plan, pad_token_id, device, quantized=get_method(plan.method).quantized)
+    if pad_token_id is not None:
+        base.config.pad_token_id = pad_token_id
+    base_bytes = tensor_bytes(base)
+    model = None
+    for name, folder in adapters.items():
+        if model is None:
+            model = PeftModel.from_pretrained(base, str(folder), adapter_name=name, is_trainable=False)
+        else:
+            model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+    return model.eval(), base_bytes
+
+
 def dequantized_weights(model) -> dict:
     """{parameter name: float32 weight} for every 4-bit Linear in `model`: the weights a QLoRA adapter was
     trained against (the quantization error included), for a merge that reproduces the 4-bit model."""
