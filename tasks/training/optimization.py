@@ -58,6 +58,8 @@ def autocast_factory(precision: str, device: str):
     if device.startswith("cuda") and precision in ("bf16", "fp16"):
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return lambda: torch.autocast("cuda", dtype=dtype)
+    if precision == "bf16":  # CPU: matmuls in bf16 (native on avx512_bf16/AMX), weights and optimizer stay fp32
+        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext
 
 
