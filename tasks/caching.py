@@ -59,7 +59,15 @@ def module_file(name: str, root: Path = PROJECT_ROOT) -> Path | None:
 
 
 def project_imports(path: Path, root: Path = PROJECT_ROOT) -> set[str]:
-    """Project modules imported anywhere in a file (top level and inside functions), read with `ast`."""
+    """Project modules imported anywhere in a file (top level and inside functions), read with `ast`; parsed once
+    per file version (the stages' import closures overlap: a flow run would otherwise parse each file 7 times)."""
+    st = path.stat()
+    return set(_project_imports(str(path), str(root), st.st_mtime_ns, st.st_size))
+
+
+@lru_cache(maxsize=1024)
+def _project_imports(path_s: str, root_s: str, _mtime_ns: int, _size: int) -> frozenset[str]:
+    path, root = Path(path_s), Path(root_s)
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     found: set[str] = set()
     for node in ast.walk(tree):
@@ -71,7 +79,7 @@ def project_imports(path: Path, root: Path = PROJECT_ROOT) -> set[str]:
         for name in names:
             if name.split(".")[0] in PROJECT_PACKAGES and module_file(name, root) is not None:
                 found.add(name)
-    return found
+    return frozenset(found)
 
 
 def import_closure(module: str, root: Path = PROJECT_ROOT) -> list[str]:
@@ -131,14 +139,14 @@ RECORD_SERIALIZER = "finetune-record"
 # The allow-list: the only classes a stored stage result is ever rebuilt as, by short name -> defining module.
 STAGE_RECORDS = {
     "DataVersion": "tasks.data.versions",
-    "PreparedData": "tasks.data.prepare",
-    "TokenizedData": "tasks.data.tokenize",
+    "PreparedData": "tasks.records",
+    "TokenizedData": "tasks.records",
     "PlanRecord": "tasks.stages",
-    "Trial": "tasks.training.search",
-    "TrainResult": "tasks.training.launch",
-    "EvalResult": "tasks.evaluation.evaluate",
-    "ExportResult": "tasks.release.export",
-    "RegistryResult": "tasks.release.registry",
+    "Trial": "tasks.records",
+    "TrainResult": "tasks.records",
+    "EvalResult": "tasks.records",
+    "ExportResult": "tasks.records",
+    "RegistryResult": "tasks.records",
 }
 
 

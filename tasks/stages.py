@@ -116,7 +116,7 @@ def prepare_data(config: RunConfig):
 
 
 def _prepare_key(config: RunConfig) -> tuple[str, Path]:
-    from tasks.data.prepare import dataset_fingerprint
+    from tasks.data.fingerprint import dataset_fingerprint
 
     path = workspace_of(config).dataset(dataset_fingerprint(config.data))
     return path.name, path

@@ -23,6 +23,7 @@ LAYERS = [
             "tasks.config_checks",
             "tasks.config_loading",
             "tasks.optimizers",
+            "tasks.records",
         ),
     ),
     (

@@ -10,7 +10,8 @@ import pytest
 from conftest import WORDS, shared_data, toy_rows, write_csv
 
 from tasks.config import RunConfig
-from tasks.data.prepare import load_split, prepare_dataset
+from tasks.data.prepare import prepare_dataset
+from tasks.data.sources import load_split
 from tasks.evaluation.baselines import majority_scores, score_baselines, texts_of, tfidf_scores
 from tasks.evaluation.metrics import compute_metrics
 

@@ -12,8 +12,8 @@ import pytest
 from conftest import toy_rows, write_csv
 
 from tasks.config_loading import load_config
-from tasks.data.prepare import load_split, prepare_dataset
-from tasks.data.sources import DataError
+from tasks.data.prepare import prepare_dataset
+from tasks.data.sources import DataError, load_split
 from tasks.workspace import WorkspaceError
 
 

@@ -13,7 +13,8 @@ import pytest
 from conftest import REPO, shared_data, toy_rows, write_csv
 
 from tasks.config_loading import load_config
-from tasks.data.prepare import load_split, prepare_dataset
+from tasks.data.prepare import prepare_dataset
+from tasks.data.sources import load_split
 
 
 def _cfg(workspace, source, *sets):

@@ -13,7 +13,8 @@ import pytest
 from conftest import WORDS, shared_data, tiny_plan, toy_rows, write_csv
 
 from tasks.config import RunConfig
-from tasks.data.prepare import load_split, prepare_dataset
+from tasks.data.prepare import prepare_dataset
+from tasks.data.sources import load_split
 from tasks.evaluation.evaluate import evaluate_run, evaluation_key, predict_scores
 from tasks.evaluation.metrics import METRICS_DIR, MetricError
 from tasks.files import read_json

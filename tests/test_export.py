@@ -54,7 +54,7 @@ def make_run(workspace: Path, base: Path, prepared: Path, method: str = "lora", 
     from transformers import AutoConfig, AutoModelForSequenceClassification, BitsAndBytesConfig
 
     from tasks.config import ModelConfig
-    from tasks.data.prepare import load_split
+    from tasks.data.sources import load_split
     from tasks.files import read_json, write_json
     from tasks.model.base import load_tokenizer, model_fingerprint
     from tasks.model.methods import disable_cpu_bf16_packing
@@ -409,7 +409,7 @@ def test_qlora_merges_into_dequantized_4bit_weights_on_cpu(ws, prepared, tiny_be
 
 
 def test_verification_rows_are_a_seeded_sample_of_the_test_split(ws, lora_export):
-    from tasks.data.prepare import load_split
+    from tasks.data.sources import load_split
     from tasks.plan import RunPlan
     from tasks.release.export import export_run, verification_texts
 

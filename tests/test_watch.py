@@ -251,7 +251,9 @@ def _rows(n, seed, offset):
 
 
 def test_append_keeps_the_test_split_fixed(tmp_path, workspace):
-    from tasks.data.prepare import dataset_fingerprint, load_split, prepare_dataset
+    from tasks.data.fingerprint import dataset_fingerprint
+    from tasks.data.prepare import prepare_dataset
+    from tasks.data.sources import load_split
     from tasks.data.versions import apply_new_data, list_versions
 
     base = write_csv(tmp_path / "base.csv", toy_rows(120))
@@ -312,7 +314,7 @@ def test_append_drops_leaks_and_duplicates_and_is_idempotent(tmp_path, workspace
 def test_replace_and_errors(tmp_path, workspace):
     import fsspec
 
-    from tasks.data.prepare import dataset_fingerprint
+    from tasks.data.fingerprint import dataset_fingerprint
     from tasks.data.versions import apply_new_data, list_versions
 
     base = write_csv(tmp_path / "base.csv", toy_rows(60))

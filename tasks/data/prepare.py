@@ -6,35 +6,23 @@ report.md). The same data and settings give the same folder, and a second run do
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from tasks.config import DataConfig, RunConfig
+from tasks.data.fingerprint import DATA_STAGE_VERSION, dataset_fingerprint
 from tasks.data.report import data_report
 from tasks.data.sft_data import check_sft
-from tasks.data.sources import _where, load_source, source_files, source_hashes
+from tasks.data.sources import _where, load_source, source_hashes
 from tasks.data.splits import SPLITS, _group_keys, class_weights, label_counts, make_splits
 from tasks.data.validation import check_data
 from tasks.files import atomic_dir, sha256_json, write_json
+from tasks.records import PreparedData
 from tasks.workspace import Workspace, WorkspaceError, read_facts
 
-DATA_STAGE_VERSION = "2"  # 2: numeric labels canonical, leaked rows dropped, no word-count truncation estimate
 TASKS = ("single_label", "multi_label", "regression", "sft")
-
-
-@dataclass
-class PreparedData:
-    """What the data stage hands to the next one: a path and a few facts (never the data)."""
-
-    path: str
-    fingerprint: str
-    task: str
-    labels: list[str]
-    rows: dict[str, int]
-    reused: bool
 
 
 def data_warnings(raw_frames: dict, splits: dict, task: str, labels: list[str]) -> list[str]:
@@ -68,18 +56,6 @@ def data_warnings(raw_frames: dict, splits: dict, task: str, labels: list[str]) 
         elif rare:
             warnings.append(f"{len(rare)} label(s) on under 1 % of train rows: {', '.join(rare[:6])}")
     return warnings
-
-
-def dataset_fingerprint(cfg: DataConfig, hashes: dict[str, str] | None = None) -> str:
-    """Hash of the raw bytes and the settings that shape the output (not the paths). Reads no rows."""
-    settings = cfg.model_dump(mode="json", exclude={"source"})
-    hashes = source_hashes(cfg.source) if hashes is None else hashes
-    if isinstance(cfg.source, str) and cfg.source.startswith("hf://"):
-        sources = [("hf", cfg.source)]
-    else:
-        split_of = {str(path): split for split, path in source_files(cfg.source)[1]}
-        sources = sorted((str(split_of.get(f)), sha) for f, sha in hashes.items())
-    return sha256_json({"sources": sources, "settings": settings, "version": DATA_STAGE_VERSION})[:20]
 
 
 def _sft_warnings(raw_frames: dict) -> list[str]:
@@ -192,7 +168,3 @@ def _target_stats(y: pd.Series) -> dict[str, float]:
         if len(y)
         else {}
     )
-
-
-def load_split(prepared_dir: str | Path, split: str) -> pd.DataFrame:
-    return pd.read_parquet(Path(prepared_dir) / f"{split}.parquet")

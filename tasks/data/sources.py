@@ -12,10 +12,12 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from tasks.files import sha256_file, sha256_tree
+
+if TYPE_CHECKING:  # pandas is imported where rows are read: a cached run's stage keys need only the hashes
+    import pandas as pd
 
 SUPPORTED = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 SPLIT_ALIASES = {
@@ -59,6 +61,8 @@ class RawData:
     problems: list[str] = field(default_factory=list)  # files that could not be read (load_source(collect=True))
 
     def by_split(self) -> dict[str | None, pd.DataFrame]:
+        import pandas as pd
+
         out: dict[str | None, list[pd.DataFrame]] = {}
         for p in self.parts:
             out.setdefault(p.split, []).append(p.frame)
@@ -84,6 +88,8 @@ def _fail(msg: str):
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
     sep = "\t" if path.suffix == ".tsv" else ","
     try:
         df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[], encoding="utf-8")
@@ -125,6 +131,8 @@ def _check_header(path: Path, sep: str) -> None:
 
 
 def _read_jsonl(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
     rows = []
     try:
         text = path.read_text(encoding="utf-8")
@@ -159,8 +167,17 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def load_split(prepared_dir: str | Path, split: str) -> pd.DataFrame:
+    """One split of a prepared dataset (`<workspace>/datasets/<fingerprint>/<split>.parquet`)."""
+    import pandas as pd
+
+    return pd.read_parquet(Path(prepared_dir) / f"{split}.parquet")
+
+
 def read_table(path: Path) -> pd.DataFrame:
     """Read one supported file into a DataFrame with `_file` and `_row` columns."""
+    import pandas as pd
+
     if path.suffix in (".csv", ".tsv"):
         df = _read_csv(path)
     elif path.suffix in (".jsonl", ".json"):

@@ -5,26 +5,16 @@ tokenizer content and max length. No padding here: batches are padded dynamicall
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.config import RunConfig
 from tasks.data.report import truncation_warning
-from tasks.data.splits import SPLITS
 from tasks.files import atomic_dir, sha256_json, write_json
 from tasks.model.base import load_tokenizer, tokenizer_fingerprint
+from tasks.records import TokenizedData
 from tasks.workspace import Workspace, read_facts
 
 TOKENIZE_VERSION = "2"  # 2: tokenized.json lists truncation warnings (counted in tokens)
-
-
-@dataclass
-class TokenizedData:
-    path: str
-    key: str
-    truncated_share: dict[str, float]
-    reused: bool
-    warnings: list[str] = field(default_factory=list)
 
 
 def tokenized_dir(cfg: RunConfig, dataset_fp: str, tokenizer_dir: str) -> Path:
@@ -42,6 +32,8 @@ def tokenized_dir(cfg: RunConfig, dataset_fp: str, tokenizer_dir: str) -> Path:
 
 def tokenize_dataset(prepared_dir: str, tokenizer_dir: str, cfg: RunConfig) -> TokenizedData:
     """Tokenize every split once per (dataset, tokenizer, max_length); returns where it lives."""
+    from tasks.data.splits import SPLITS  # pandas: imported by the work, not by the stage key or its record
+
     manifest = read_facts(Path(prepared_dir) / "manifest.json", "prepared dataset")
     max_length = cfg.data.max_length
     final = tokenized_dir(cfg, manifest["fingerprint"], tokenizer_dir)

@@ -310,7 +310,7 @@ def _record(
     cfg: RunConfig, log: dict, policy: str, parent: dict | None, trigger: dict, source, rows: dict, **extra
 ) -> dict:
     """A new version entry (number, time, fingerprint, file hashes), appended to the log, written atomically."""
-    from tasks.data.prepare import dataset_fingerprint
+    from tasks.data.fingerprint import dataset_fingerprint
 
     entry = {"version": len(log["versions"]) + 1, "created_at": _now(), "policy": policy}
     entry |= {"parent": parent["version"] if parent else None, "trigger": trigger, "source": source, **extra}

@@ -157,7 +157,7 @@ def baseline_scores(
     prepared_dir: str | Path, names: tuple[str, ...] = ("majority", "tfidf")
 ) -> dict[str, BaselineScores]:
     """Scores of each named baseline on the prepared dataset's test split (fit on its train split)."""
-    from tasks.data.prepare import load_split
+    from tasks.data.sources import load_split
 
     manifest = read_facts(Path(prepared_dir) / "manifest.json", "prepared dataset")
     task, labels = manifest["task"], manifest["labels"]
@@ -189,7 +189,7 @@ def score_baselines(prepared_dir: str | Path) -> dict[str, dict]:
     (per_class for classification tasks: the per-class precision/recall/F1 a report compares, e.g. spam F1)."""
     manifest = read_facts(Path(prepared_dir) / "manifest.json", "prepared dataset")
     task, labels = manifest["task"], manifest["labels"]
-    from tasks.data.prepare import load_split
+    from tasks.data.sources import load_split
 
     y_test = load_split(prepared_dir, "test")["label"].tolist()
     result = {}

@@ -11,13 +11,12 @@ a new stamp), the evaluation settings and the threshold grid. No weight file is 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from tasks.config import BUNDLED_MODEL, RunConfig
-from tasks.data.prepare import load_split
+from tasks.data.sources import load_split
 from tasks.evaluation.metrics import (
     MIN_POSITIVES_PER_LABEL,
     THRESHOLD_GRID,
@@ -33,22 +32,10 @@ from tasks.evaluation.records import clean, compare
 from tasks.evaluation.scoring import predict_scores
 from tasks.files import atomic_dir, folder_stamp, sha256_json, write_json
 from tasks.plan import RunPlan
+from tasks.records import EvalResult
 from tasks.workspace import Workspace, read_facts
 
 EVAL_VERSION = "3"  # 3: metrics.json records no local paths (run path relative, base model by name)
-
-
-@dataclass
-class EvalResult:
-    path: str
-    primary_metric: str
-    primary_value: float | None
-    metrics: dict[str, float]
-    baselines: dict[str, dict[str, float]]
-    beats_tfidf: bool | None  # None when baselines are off (evaluation.baselines: false)
-    key: str = ""
-    reused: bool = False
-    warnings: list[str] = field(default_factory=list)
 
 
 def evaluation_key(cfg: RunConfig, run_dir: str | Path) -> str:

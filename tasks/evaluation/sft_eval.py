@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.config import RunConfig
-from tasks.data.prepare import load_split
+from tasks.data.sources import load_split
 from tasks.evaluation.metrics import load_metric
 from tasks.plan import RunPlan
 

@@ -11,15 +11,15 @@ from __future__ import annotations
 import gc
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.config import RunConfig
-from tasks.data.prepare import load_split
+from tasks.data.sources import load_split
 from tasks.evaluation.evaluate import base_model_facts, portable_path
 from tasks.files import atomic_dir, folder_stamp, sha256_file, sha256_json, write_json
 from tasks.model.methods import get_method
 from tasks.plan import RunPlan
+from tasks.records import ExportResult
 from tasks.release.merge import ExportError, MergeError, check_finite, merge_adapter, merge_shardwise, tolerance_for
 from tasks.release.probes import Probe, classification_probe, probe_for
 from tasks.release.provenance import code_version, package_versions
@@ -29,18 +29,6 @@ EXPORT_VERSION = "3"  # 3: lineage.json and the card record no local paths
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 __all__ = ["ExportError", "ExportResult", "MergeError", "export_key", "export_run", "heldout_fingerprint"]
-
-
-@dataclass
-class ExportResult:
-    path: str
-    merge_verification: dict
-    onnx: bool
-    key: str = ""
-    method: str = ""
-    reused: bool = False
-    seconds: float = 0.0
-    onnx_parity: dict | None = field(default=None)
 
 
 def heldout_fingerprint(prepared_dir: str | Path) -> str:

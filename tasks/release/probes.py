@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from tasks.config import RunConfig
-from tasks.data.prepare import load_split
+from tasks.data.sources import load_split
 from tasks.evaluation.scoring import batched_logits, compare_outputs
 from tasks.plan import RunPlan
 

@@ -16,13 +16,13 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tasks.config import RunConfig
 from tasks.evaluation.metrics import higher_is_better  # the evaluation stage's notion of a metric's direction
 from tasks.files import atomic_dir, write_json
+from tasks.records import RegistryResult
 from tasks.release.provenance import code_version
 from tasks.workspace import RegistryError, Workspace, read_facts
 
@@ -39,15 +39,6 @@ __all__ = [
     "rollback",
     "show_version",
 ]
-
-
-@dataclass
-class RegistryResult:
-    name: str
-    version: int
-    path: str
-    promoted: bool
-    comparison: dict
 
 
 def _now() -> str:

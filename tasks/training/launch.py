@@ -16,11 +16,11 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.files import write_json
 from tasks.plan import RunPlan
+from tasks.records import TrainResult
 from tasks.training import worker  # imported (not only named) so that the loop's code is part of this stage's code
 from tasks.workspace import Workspace, read_facts
 
@@ -36,23 +36,6 @@ class TrainingError(RuntimeError):
 
 class TrainingTimeout(TrainingError):
     pass
-
-
-@dataclass
-class TrainResult:
-    path: str
-    key: str
-    method: str
-    model_dir: str
-    best_epoch: int | None
-    best_metric: float | None
-    epochs_run: int
-    global_step: int
-    resumed_from_step: int
-    seconds: float
-    reused: bool = False
-    best_metric_name: str = "val_loss"
-    oom_backoffs: list[dict] = field(default_factory=list)
 
 
 def run_dir(plan: RunPlan, ws: Workspace) -> Path:

@@ -22,31 +22,14 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tasks.files import atomic_dir, sha256_json, write_json
 from tasks.plan import RunPlan
+from tasks.records import Trial
 from tasks.training.launch import TrainingError, train
 from tasks.workspace import Workspace
-
-
-@dataclass
-class Trial:
-    rate: float
-    steps: int
-    score: float | None
-    val_loss: float | None = None
-    diverged: bool = False
-    seconds: float = 0.0
-    path: str | None = None
-    reused: bool = False
-    curve: list[float] = field(default_factory=list)  # training loss per step
-    rung: int = 0
-
-    @property
-    def usable(self) -> bool:
-        return not self.diverged and self.score is not None and math.isfinite(self.score)
 
 
 @dataclass
