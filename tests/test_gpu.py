@@ -83,3 +83,21 @@ def test_qlora_trains_in_4bit_on_cuda_with_bf16_compute_and_exports_a_faithful_m
             }
         )
     )
+
+
+def test_qlora_against_full_on_a_1b_decoder_peak_memory_and_tokens_per_second(tmp_path):
+    """[2-4]'s GPU check: a random-initialised decoder of TinyLlama-1.1B's shape, full fine-tuning vs QLoRA (paged
+    AdamW, training.optimizer=auto), one epoch of instruction rows each; prints one line of figures."""
+    import torch
+    from test_decoder_check import TINYLLAMA_SHAPE, decoder_run, random_decoder
+
+    base = random_decoder(tmp_path / "base-1b", TINYLLAMA_SHAPE)
+    runs = {}
+    for method in ("full", "qlora"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        runs[method] = decoder_run(tmp_path, base, method, steps_rows=160)
+    full, qlora = runs["full"], runs["qlora"]
+    assert full["device"].startswith("cuda") and qlora["optimizer"] == "paged_adamw_32bit"
+    assert qlora["peak_gpu_mb"] < full["peak_gpu_mb"] / 2, runs  # 4-bit base and adapters vs fp32 weights + AdamW
+    print("GPU_DECODER_FIGURES " + json.dumps({"device": torch.cuda.get_device_name(0), "runs": runs}))
