@@ -126,10 +126,10 @@ def _native_bf16() -> bool:
     return bool(hw["avx512_bf16"] or hw["amx_bf16"])
 
 
-def _targets(config, meta_model, head_module_names, find_target_modules) -> list[str]:
+def _targets(config, meta_model, head_module_names, resolve_targets) -> list[str]:
     """Our LoRA targets for the base (method.target_modules=auto), for the Trainer's LoRA peer."""
     meta = meta_model(config)
-    return find_target_modules(meta, head_module_names(meta))
+    return resolve_targets(meta, head_module_names(meta), "auto")
 
 
 def _args():
@@ -248,7 +248,7 @@ def main() -> None:
     from tasks.data.prepare import prepare_dataset
     from tasks.data.tokenize import tokenize_dataset
     from tasks.model.base import resolve_model
-    from tasks.model.build import find_target_modules, head_module_names, meta_model
+    from tasks.model.build import head_module_names, meta_model, resolve_targets
     from tasks.training.batching import plan_epoch
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
@@ -280,7 +280,7 @@ def main() -> None:
         "epochs": a.epochs,
         "seed": 42,
         "out": str(tmp / "trainer-out"),
-        "targets": _targets(AutoConfig.from_pretrained(model_dir), meta_model, head_module_names, find_target_modules),
+        "targets": _targets(AutoConfig.from_pretrained(model_dir), meta_model, head_module_names, resolve_targets),
     }
 
     results: dict[str, list[dict]] = {}

@@ -141,10 +141,10 @@ class MethodConfig(_Section):
     lora_r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scaling = alpha / r).")
     lora_dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA path.")
-    target_modules: Literal["auto", "all-linear"] | list[str] = Field(
+    target_modules: Literal["auto", "all-linear", "attention"] | list[str] = Field(
         "auto",
-        description="Modules that get adapters: auto finds the attention projections; all-linear: every linear layer "
-        "of the backbone (the QLoRA paper's recipe; the head and lm_head excluded); or a list of module names.",
+        description="Modules that get adapters: auto = all-linear, every linear layer of the backbone (the QLoRA "
+        "paper's recipe; head and lm_head excluded); attention: the attention projections only; or a list of names.",
     )
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="QLoRA 4-bit quantization type.")
     double_quant: bool = Field(True, description="QLoRA double quantization of the quantization constants.")

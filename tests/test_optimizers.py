@@ -192,3 +192,16 @@ def test_memory_estimate_counts_the_optimizers_state(tiny_llama):
     paged = est("paged_adamw_8bit")  # cannot run on this CPU: nothing fits, and the estimate says why
     assert all(not m["fits"] and m["optimizer_kind"] is None for m in paged["methods"].values())
     assert paged["choice"] is None and "training.optimizer: paged_adamw_8bit" in paged["reason"]
+
+
+def test_auto_targets_mean_all_linear_and_attention_keeps_the_projections(tiny_llama, tiny_bert):
+    from transformers import AutoConfig
+
+    from tasks.model.build import find_target_modules, head_module_names, meta_model, resolve_targets
+
+    for base, heads in ((tiny_llama, ["score"]), (tiny_bert, None)):
+        meta = meta_model(AutoConfig.from_pretrained(base))
+        heads = heads or head_module_names(meta)
+        assert resolve_targets(meta, heads, "auto") == resolve_targets(meta, heads, "all-linear")
+        assert resolve_targets(meta, heads, "attention") == find_target_modules(meta, heads)
+        assert set(resolve_targets(meta, heads, "attention")) < set(resolve_targets(meta, heads, "auto"))

@@ -48,5 +48,5 @@ def test_minilm_lora_one_epoch_on_sms_spam_beats_chance(tmp_path):
     # the bundled MiniLM is a sentence-transformers checkpoint with mean pooling: the head reads mean-pooled
     # token states (tasks/model/heads.py), so no first-token pooler is trained or saved
     assert info["head"] == "mean" and info["head_modules"] == ["classifier"]
-    assert info["target_modules"] == ["key", "query", "value"]
+    assert info["target_modules"] == ["dense", "key", "query", "value"]  # auto = all-linear: attention and MLP
     assert info["learning_rate"] == 0.002
