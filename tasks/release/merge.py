@@ -226,15 +226,20 @@ def shard_merge_blocker(plan: RunPlan, cfg: RunConfig) -> str | None:
     return None
 
 
-def _write_config(plan: RunPlan, tok, out: Path, dtype: str, base: Path, architecture: str) -> None:
-    """config.json (labels, problem type, pad, dtype), generation_config.json and the tokenizer beside the weights."""
+def _write_config(plan: RunPlan, tok, out: Path, dtype: str, base: Path, meta) -> None:
+    """config.json (labels, problem type, pad, dtype), generation_config.json and the tokenizer beside the weights;
+    for a custom class (the mean-pooling head) also its code and auto_map, as the model's save_pretrained writes."""
     import shutil
+
+    from transformers.dynamic_module_utils import custom_object_save
 
     from tasks.model.build import plan_config
 
     config = plan_config(plan, tok.pad_token_id)
     config.dtype = dtype
-    config.architectures = [architecture]  # what the export loads as (save_pretrained writes the same)
+    config.architectures = [type(meta).__name__]  # what the export loads as (save_pretrained writes the same)
+    if getattr(meta, "_auto_class", None) is not None:  # loads with trust_remote_code in a fresh process
+        custom_object_save(meta, str(out), config=config)
     config.save_pretrained(str(out))
     gen = base / "generation_config.json"
     if plan.task == "sft" and gen.is_file():
@@ -271,7 +276,7 @@ def merge_shardwise(run_dir: str | Path, probe, cfg: RunConfig, out: Path):
         return str(exc)
     figures.update(shard_merge=written, shard_merge_seconds=round(time.perf_counter() - t0, 3), rows=probe.rows)
     figures["path"] = f"shard-wise ({cfg.export.dtype})"
-    _write_config(plan, tok, out, cfg.export.dtype, folder, type(meta).__name__)
+    _write_config(plan, tok, out, cfg.export.dtype, folder, meta)
     model, tok = load_adapter_model(run)
     ref = _reference(model, tok, probe)
     del model
