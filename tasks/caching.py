@@ -59,8 +59,7 @@ def module_file(name: str, root: Path = PROJECT_ROOT) -> Path | None:
 
 
 def project_imports(path: Path, root: Path = PROJECT_ROOT) -> set[str]:
-    """Project modules imported anywhere in a file (top level and inside functions), read with `ast`; parsed once
-    per file version (the stages' import closures overlap: a flow run would otherwise parse each file 7 times)."""
+    """Project modules imported anywhere in a file, read with `ast`; parsed once per file version (mtime, size)."""
     st = path.stat()
     return set(_project_imports(str(path), str(root), st.st_mtime_ns, st.st_size))
 

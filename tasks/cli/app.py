@@ -11,10 +11,10 @@ from typing import Annotated
 
 import typer
 
-from tasks.cli import evaluate as cli_evaluate
-from tasks.cli import registry as cli_registry
-from tasks.cli import train as cli_train
-from tasks.cli import watch as cli_watch
+import tasks.cli.evaluate as cli_evaluate  # submodules by full name: no import of the package that imports this one
+import tasks.cli.registry as cli_registry
+import tasks.cli.train as cli_train
+import tasks.cli.watch as cli_watch
 from tasks.cli.common import ConfigArg, SetOpt
 from tasks.cli.common import fail as _fail
 from tasks.cli.common import load_or_fail as _load
