@@ -11,46 +11,17 @@ Imports stay light (pydantic): the CLI's `--help` and config checks must not pul
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
+from tasks.config_base import ConfigError, _Section
 from tasks.config_checks import cross_field_problems
+
+__all__ = ["ConfigError", "RunConfig"]
 
 BUNDLED_MODEL = "bundled:all-MiniLM-L6-v2"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-
-
-class ConfigError(ValueError):
-    """A configuration problem; `problems` lists (field path, message) pairs, all at once."""
-
-    def __init__(self, problems: list[tuple[str, str]], source: str | None = None):
-        self.problems = problems
-        self.source = source
-        where = f" in {source}" if source else ""
-        lines = [f"invalid configuration{where} ({len(problems)} problem{'s' * (len(problems) != 1)}):"]
-        lines += [f"  - {path}: {msg}" for path, msg in problems]
-        super().__init__("\n".join(lines))
-
-
-def _allows_bool(annotation) -> bool:
-    return annotation is bool or bool in get_args(annotation)
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_yaml_booleans_for_numbers(cls, v, info):
-        """YAML reads yes/no/on/off as booleans; a number field must not take True as 1."""
-        field = cls.model_fields.get(info.field_name)
-        if isinstance(v, bool) and field is not None and not _allows_bool(field.annotation):
-            raise ValueError(
-                f"expected {field.annotation!s} but got the boolean {v} (YAML reads yes/no/on/off as "
-                "booleans); fix: write the value you mean"
-            )
-        return v
 
 
 class SplitConfig(_Section):
@@ -241,7 +212,12 @@ class TrainingConfig(_Section):
         description="auto: bf16 on capable GPUs (fp16 on older ones), fp32 on CPU; bf16 on a CPU: autocast to bfloat16 "
         "(weights, optimizer state, evaluation and exports stay float32; fast on CPUs with avx512_bf16 or AMX).",
     )
-    processes: int = Field(1, ge=1, le=64, description=">1 launches torchrun with that many processes (DDP).")
+    processes: int = Field(1, ge=1, le=64, description=">1 launches torchrun with that many processes.")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="With processes > 1: ddp (a model copy per "
+        "process) or fsdp (torch FSDP2: weights, gradients, optimizer state sharded over them); auto: ddp.",
+    )
     seed: int = 42
     timeout_s: int = Field(6 * 3600, ge=10, description="Training child process is killed after this many seconds.")
     save_every_steps: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps (and each epoch).")

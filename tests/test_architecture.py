@@ -20,6 +20,7 @@ LAYERS = [
             "tasks.plan",
             "tasks.workspace",
             "tasks.config",
+            "tasks.config_base",
             "tasks.config_checks",
             "tasks.config_loading",
             "tasks.optimizers",

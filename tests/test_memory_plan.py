@@ -61,6 +61,21 @@ def test_checkpointing_lowers_activations():
     assert on["bytes"]["weights"] == off["bytes"]["weights"]
 
 
+def test_fsdp_shards_weights_gradients_and_optimizer_state_per_process():
+    kw = {"device": "cuda", "device_memory": "24GB", "processes": 4, "effective_batch_size": 16}
+    ddp, fsdp = _est(LLAMA8B, strategy="ddp", **kw), _est(LLAMA8B, strategy="fsdp", **kw)
+    full_ddp, full_fsdp = ddp["methods"]["full"]["bytes"], fsdp["methods"]["full"]["bytes"]
+    for part in ("weights", "gradients", "optimizer"):
+        assert full_fsdp[part] == pytest.approx(full_ddp[part] / 4, rel=1e-6)
+    assert full_fsdp["gathered"] == pytest.approx(2 * full_ddp["weights"] / 32, rel=1e-6)  # two of 32 blocks
+    assert fsdp["methods"]["qlora"]["bytes"]["weights"] == ddp["methods"]["qlora"]["bytes"]["weights"]  # 4-bit: ddp
+    # 8B full fine-tuning in fp32 with AdamW needs ~16 bytes per parameter: not on one 24 GB GPU, nor on 4 with
+    # DDP; FSDP over 8 brings it within reach of 48 GB cards
+    assert not ddp["methods"]["full"]["fits"] and not fsdp["methods"]["full"]["fits"]
+    eight = _est(LLAMA8B, strategy="fsdp", **(kw | {"processes": 8, "device_memory": "48GB"}))
+    assert eight["methods"]["full"]["fits"], eight["methods"]["full"]
+
+
 def test_four_bit_weights_are_about_a_quarter_of_bf16():
     from tasks.model.methods import LoRA, ParameterCounts, QLoRA
 

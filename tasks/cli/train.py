@@ -111,6 +111,7 @@ def estimate_command(
             optimizer=getattr(t, "optimizer", "auto"),
             effective_batch_size=t.effective_batch_size,
             processes=t.processes,
+            strategy=t.strategy,
             task="sft" if cfg.data.task == "sft" else "single_label",
             gradient_checkpointing=t.gradient_checkpointing,
         )

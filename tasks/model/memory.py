@@ -219,11 +219,23 @@ def plan_method(method, counts, shape, *, settings: dict) -> dict[str, Any]:
             )
             parts = {k: static[k] for k in ("weights", "gradients", "optimizer")}
             parts |= {"activations": act + static["dora_extra"], "runtime": s["runtime"]}
+            if s.get("shards", 1) > 1 and not method.quantized:  # fsdp (4-bit bases run ddp: not sharded)
+                parts = _sharded(parts, s["shards"], shape["layers"])
             total = sum(parts.values())
             tried = (micro, ckpt, parts, total)
             if s["opt_ok"] and total <= s["budget"]:
                 return _method_row(tried, static["paged"], s, fits=True)
     return _method_row(tried, static["paged"], s, fits=False)
+
+
+def _sharded(parts: dict, shards: int, layers: int) -> dict:
+    """FSDP per process: weights, gradients and optimizer state divided over the processes, plus the full weights of
+    the block being computed and of the one prefetched (two of `layers` blocks, gathered and then freed)."""
+    out = dict(parts)
+    for k in ("weights", "gradients", "optimizer"):
+        out[k] = parts[k] / shards
+    out["gathered"] = 2 * parts["weights"] / max(1, layers)
+    return out
 
 
 def _method_row(tried, paged: float, s: dict, fits: bool) -> dict[str, Any]:
@@ -250,6 +262,7 @@ def plan_memory(
     max_length: int,
     effective_batch_size: int | None = None,
     processes: int = 1,
+    strategy: str = "ddp",
     task: str = "single_label",
     device: str = "cpu",
     device_memory: int | str | None = None,
@@ -262,7 +275,8 @@ def plan_memory(
     """Training memory per method for a transformers config and the `auto` choice (see the module docstring).
 
     `device_memory`: the device's memory (bytes or '24GB'); None detects what is free. `headroom` is the share of it
-    a plan may use. `optimizer` is training.optimizer, resolved per method; a method the optimizer cannot run with on
+    a plan may use. `strategy` fsdp shards weights, gradients and optimizer state over `processes` (figures are per
+    process). `optimizer` is training.optimizer, resolved per method; a method the optimizer cannot run with on
     this device (a paged optimizer off CUDA) does not fit. `options` describe other training recipes than this
     project's (for comparisons with published figures): weight_bytes (2: bf16 weights), trainable_bytes (2: bf16
     adapters), act_bytes, loss_chunks, optimizer_in_backward, runtime_bytes."""
@@ -288,6 +302,8 @@ def plan_memory(
         "micro_batch_size": micro_batch_size,
         "effective_batch_size": effective,
         "max_length": max_length,
+        "processes": processes,
+        "strategy": strategy if processes > 1 else "single",
         "available_gb": _gb(available),
         "budget_gb": _gb(budget),
         "methods": {},
@@ -313,6 +329,7 @@ def plan_memory(
             "gradient_checkpointing": gradient_checkpointing,
             "micro_batch_size": micro_batch_size,
             "per_process": max(1, effective // max(1, processes)),
+            "shards": processes if strategy == "fsdp" else 1,
             "max_length": max_length,
             "lm_logits": task == "sft",
             "budget": budget,
@@ -367,6 +384,11 @@ def format_estimate(est: dict) -> str:
             f"{kind:<7} {m['weights']:>8.2f} {m['gradients']:>8.2f} {m['optimizer']:>8.2f} {m['paged']:>7.2f} "
             f"{m['activations']:>8.2f} {m['runtime']:>8.2f} {m['total_gb']:>8.2f}  {'yes' if m['fits'] else 'no':<4} "
             f"{batch:>13}  {'on ' if m['gradient_checkpointing'] else 'off'}   {m['optimizer_kind'] or '-'}"
+        )
+    if est.get("strategy") == "fsdp":
+        lines.append(
+            f"fsdp over {est['processes']} processes: figures per process; weights, gradients and optimizer state are "
+            "sharded, the total adds two gathered blocks (4-bit bases are not sharded)"
         )
     lines.append("paged: optimizer state in CUDA unified memory, spilled to CPU RAM under pressure (not in total)")
     lines.append(f"auto choice: {est['choice'] or 'none'} ({est['reason']})")

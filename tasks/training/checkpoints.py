@@ -17,22 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from tasks.files import atomic_dir, read_json, sha256_file, write_json
+from tasks.training.parallel import Engine
 
 FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pt")
-
-
-def trainable_state(model) -> dict:
-    """Trainable parameters by name (one copy per storage: tied weights are saved once)."""
-    out, seen = {}, set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        ptr = p.data_ptr()
-        if ptr in seen:
-            continue
-        seen.add(ptr)
-        out[name] = p.detach().contiguous().cpu()
-    return out
 
 
 def _rng_state() -> dict:
@@ -61,8 +48,9 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict) -> Path:
-    """Write `root/step-<step>/` atomically (temp folder + rename)."""
+def save_checkpoint(root: Path, step: int, weights: dict, optimizer_state: dict, scheduler, state: dict) -> Path:
+    """Write `root/step-<step>/` atomically (temp folder + rename): the trainable weights and the optimizer state as
+    full tensors (tasks/training/parallel.py gathers them from every process under FSDP)."""
     import torch
     from safetensors.torch import save_file
 
@@ -70,8 +58,8 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
     if final.exists():
         shutil.rmtree(final)
     with atomic_dir(final) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng_state.pt")
         write_json(tmp / "trainer_state.json", dict(state, files={f: sha256_file(tmp / f) for f in FILES}))
@@ -124,22 +112,25 @@ def latest_valid_checkpoint(root: Path, log: Callable[[str], None] = print) -> P
     return None
 
 
-def restore_trainable(model, path: Path, device: str) -> None:
+def restore_trainable(model, path: Path, engine: Engine) -> None:
     """Load a checkpoint's trainable weights into the model (every saved tensor must find its place)."""
     from safetensors.torch import load_file
 
-    weights = load_file(str(Path(path) / "trainable.safetensors"), device=str(device))
-    result = model.load_state_dict(weights, strict=False)
-    if result.unexpected_keys:
-        raise RuntimeError(f"checkpoint {path} holds weights the model does not have: {result.unexpected_keys[:5]}")
+    device = "cpu" if engine.sharded else engine.device  # FSDP scatters full CPU tensors into its shards
+    unexpected = engine.load_trainable(model, load_file(str(Path(path) / "trainable.safetensors"), device=device))
+    if unexpected:
+        raise RuntimeError(f"checkpoint {path} holds weights the model does not have: {unexpected[:5]}")
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, device: str) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, engine: Engine) -> dict:
     """Restore weights, optimizer, scheduler and RNG state; returns the trainer state."""
     import torch
 
-    restore_trainable(model, path, device)
-    optimizer.load_state_dict(torch.load(Path(path) / "optimizer.pt", map_location=device, weights_only=True))
+    restore_trainable(model, path, engine)
+    device = "cpu" if engine.sharded else engine.device
+    engine.load_optimizer_state(
+        model, optimizer, torch.load(Path(path) / "optimizer.pt", map_location=device, weights_only=True)
+    )
     scheduler.load_state_dict(torch.load(Path(path) / "scheduler.pt", weights_only=True))
     _set_rng_state(torch.load(Path(path) / "rng_state.pt", weights_only=True))
     state = read_json(Path(path) / "trainer_state.json")

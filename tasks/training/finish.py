@@ -27,7 +27,7 @@ def restore_best(s: Session) -> str | None:
     best_dir = s.checkpoints / f"step-{best}"
     problem = verify_checkpoint(best_dir) if best_dir.is_dir() else "it is missing"
     if problem is None:
-        restore_trainable(s.core, best_dir, s.device)
+        restore_trainable(s.core, best_dir, s.engine)
         s.log(f"restored the best checkpoint (step {best}, epoch {s.state['best_epoch']})")
         return None
     last = last_eval(s.metrics_path)
@@ -63,6 +63,7 @@ def _common_summary(s: Session) -> dict:
 
 def save_model(s: Session, note: str | None) -> dict | None:
     """The best model (adapter or full weights) + tokenizer into model/, then training_summary.json, last."""
+    full = s.engine.full_state(s.core) if s.engine.sharded else None  # every process: FSDP gathers the shards
     if s.rank != 0:
         return None
     import torch
@@ -70,7 +71,7 @@ def save_model(s: Session, note: str | None) -> dict | None:
     final = s.run / "model"
     shutil.rmtree(final, ignore_errors=True)
     with atomic_dir(final) as tmp:
-        s.core.save_pretrained(str(tmp))
+        s.core.save_pretrained(str(tmp), **({"state_dict": full} if full is not None else {}))
         s.tokenizer.save_pretrained(str(tmp))
     summary = _common_summary(s) | {
         "best_epoch": s.state["best_epoch"],
@@ -84,6 +85,7 @@ def save_model(s: Session, note: str | None) -> dict | None:
         "micro_batch_size": s.plan.micro_batch_size,
         "gradient_accumulation_steps": s.plan.gradient_accumulation_steps,
         "processes": s.world,
+        "strategy": s.engine.strategy,
         "method": s.plan.method,
         "trainable_parameters": s.built.trainable_parameters,
     }

@@ -22,7 +22,6 @@ against 0.345 for 2e-3 after one epoch.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
@@ -38,6 +37,7 @@ from tasks.training.checkpoints import latest_valid_checkpoint, load_checkpoint,
 from tasks.training.finish import finish_trial, restore_best, save_model, validate
 from tasks.training.losses import class_weight_vector, is_better, make_loss
 from tasks.training.optimization import autocast_factory, evaluate, linear_schedule, make_optimizer
+from tasks.training.parallel import Engine
 from tasks.training.session import Hooks, Session, append, rewrite_metrics
 from tasks.workspace import Workspace
 
@@ -63,21 +63,14 @@ def load_start_adapter(model, adapter: Path) -> int:
 # ---- setup -------------------------------------------------------------------------------------------------
 
 
-def _distributed(plan: RunPlan) -> tuple[int, int, str]:
-    """(rank, world, device) of this process; initialises the process group under torchrun."""
+def _engine(plan: RunPlan) -> Engine:
+    """This process's rank, world and device (joins torchrun's process group when there is one)."""
     import torch
-    import torch.distributed as dist
 
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    local_rank, device = int(os.environ.get("LOCAL_RANK", "0")), plan.device
-    if world > 1:
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(local_rank)
+    engine = Engine.start(plan.device, plan.strategy)
     if os.environ.get("FINETUNE_TORCH_THREADS"):  # parallel search trials split the cores between them
         torch.set_num_threads(max(1, int(os.environ["FINETUNE_TORCH_THREADS"])))
-    return rank, world, device
+    return engine
 
 
 def _build(run: Path, plan: RunPlan, rank: int):
@@ -104,7 +97,7 @@ def _resume(s: Session) -> None:
     """Continue from the newest intact checkpoint (never for a trial), or start a clean curve."""
     ckpt = None if s.plan.is_trial else latest_valid_checkpoint(s.checkpoints, log=s.log)
     if ckpt is not None:
-        s.state = load_checkpoint(ckpt, s.core, s.optimizer, s.scheduler, s.device)
+        s.state = load_checkpoint(ckpt, s.core, s.optimizer, s.scheduler, s.engine)
         s.resumed_from = s.state["global_step"]
         s.log(f"resuming from {ckpt.name} (epoch {s.state['epoch']}, step {s.resumed_from})")
         if s.rank == 0:
@@ -124,7 +117,8 @@ def setup(run_dir: str | Path) -> Session:
 
     run = Path(run_dir)
     plan = RunPlan.read(run)
-    rank, world, device = _distributed(plan)
+    engine = _engine(plan)
+    rank, world, device = engine.rank, engine.world, engine.device
     dataset = Workspace.read_dataset(plan.prepared_path)
     random.seed(plan.seed), np.random.seed(plan.seed), torch.manual_seed(plan.seed)
     tokenizer, built = _build(run, plan, rank)
@@ -144,15 +138,14 @@ def setup(run_dir: str | Path) -> Session:
     if plan.is_trial:  # warm up over the trial's own budget, then its full rate to the end (module docstring)
         epochs = min(epochs, math.ceil(plan.trial_max_steps / max(1, steps_per_epoch)))
         warmup, total = int(round(plan.warmup_ratio * plan.trial_max_steps)), None
+    model = engine.wrap(built.model)  # before the optimizer: FSDP swaps the parameters for their shards
     optimizer = make_optimizer(built.model, float(plan.learning_rate), plan.weight_decay, plan.optimizer)
     scaler = torch.amp.GradScaler("cuda") if (device.startswith("cuda") and plan.precision == "fp16") else None
     s = Session(
         run,
         plan,
-        rank,
-        world,
-        device,
-        built.model,
+        engine,
+        model,
         built.model,
         tokenizer,
         built,
@@ -181,15 +174,10 @@ def setup(run_dir: str | Path) -> Session:
     )
     _resume(s)
     s.log(
-        f"run {run.name}: method {plan.method}, task {plan.task}, device {device}, processes {world}, micro-batch "
+        f"run {run.name}: method {plan.method}, task {plan.task}, device {device}, processes {world} "
+        f"({engine.strategy}), micro-batch "
         f"{plan.micro_batch_size} x accumulation {plan.gradient_accumulation_steps} (effective {plan.effective_batch_size})"
     )
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        s.model = DDP(
-            s.core, device_ids=[int(os.environ.get("LOCAL_RANK", "0"))] if device.startswith("cuda") else None
-        )
     return s
 
 
@@ -208,8 +196,7 @@ def optimizer_step(s: Session, global_batch: list[int]) -> float:
             raise torch.OutOfMemoryError(
                 f"simulated out of memory at micro-batch {micro} (FINETUNE_SIMULATE_OOM_ABOVE={s.hooks.oom_above})"
             )
-        sync = j == len(micros) - 1 or s.world == 1
-        with contextlib.nullcontext() if sync else s.model.no_sync():
+        with s.engine.no_sync(s.model, sync=j == len(micros) - 1):
             batch, y = s.train.collate(mb, s.device)
             with s.autocast():
                 logits = s.model(**batch).logits
@@ -218,10 +205,7 @@ def optimizer_step(s: Session, global_batch: list[int]) -> float:
                 loss = loss * float("nan")
             (s.scaler.scale(loss * s.world) if s.scaler else loss * s.world).backward()
         step_loss += loss.detach()
-    if s.world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(step_loss)
+    s.engine.sum(step_loss)
     if s.scaler:
         s.scaler.unscale_(s.optimizer)
     torch.nn.utils.clip_grad_norm_([p for p in s.model.parameters() if p.requires_grad], s.plan.max_grad_norm)
@@ -236,13 +220,12 @@ def optimizer_step(s: Session, global_batch: list[int]) -> float:
 
 def checkpoint(s: Session) -> None:
     s.state["seconds"] = s.seconds()
+    weights = s.engine.trainable_state(s.core)  # every process: FSDP gathers the shards
+    optimizer_state = s.engine.optimizer_state(s.core, s.optimizer)
     if s.rank == 0:
-        save_checkpoint(s.checkpoints, s.state["global_step"], s.core, s.optimizer, s.scheduler, s.state)
+        save_checkpoint(s.checkpoints, s.state["global_step"], weights, optimizer_state, s.scheduler, s.state)
         prune_checkpoints(s.checkpoints, keep_last=2, keep_steps={s.state["best_step"]})
-    if s.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+    s.engine.barrier()
 
 
 def train_epoch(s: Session, epoch: int) -> bool:
@@ -317,9 +300,5 @@ def run(run_dir: str | Path, return_model: bool = False):
         end_of_epoch(s, epoch)
     s.state["seconds"] = s.seconds()
     summary = finish_trial(s) if s.plan.is_trial else save_model(s, restore_best(s))
-    if s.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+    s.engine.stop()
     return (summary, s.core) if return_model else summary

@@ -119,6 +119,7 @@ def _estimate(cfg: RunConfig, base: str, micro: int, device: str, num_labels: in
         optimizer=getattr(t, "optimizer", "auto"),
         effective_batch_size=t.effective_batch_size,
         processes=t.processes,
+        strategy=t.strategy,
         task="sft" if task == "sft" else "single_label",
         gradient_checkpointing=t.gradient_checkpointing,
     )
@@ -160,6 +161,28 @@ def _optimizer(setting: str, quantized: bool, device: str) -> str:
         return resolve_optimizer(setting, quantized, device)
     except ValueError as exc:
         raise ConfigError([("training.optimizer", str(exc))]) from None
+
+
+def _optimizer_and_strategy(t, quantized: bool, device: str) -> dict:
+    optimizer = _optimizer(t.optimizer, quantized, device)
+    return {"optimizer": optimizer, "strategy": _strategy(t.strategy, t.processes, quantized, optimizer)}
+
+
+def _strategy(setting: str, processes: int, quantized: bool, optimizer: str) -> str:
+    """training.strategy resolved: single with one process, else ddp (auto) or fsdp where it can run."""
+    from tasks.config import ConfigError
+
+    if processes == 1:
+        return "single"
+    if setting != "fsdp":
+        return "ddp"
+    if quantized:  # bitsandbytes' packed 4-bit weights are not plain tensors FSDP can shard
+        raise ConfigError([("training.strategy", "fsdp cannot shard a 4-bit (qlora) base; fix: ddp, or lora")])
+    if optimizer != "adamw":
+        raise ConfigError(
+            [("training.strategy", f"fsdp runs with training.optimizer=adamw, not {optimizer}; fix: adamw, or ddp")]
+        )
+    return "fsdp"
 
 
 def _head_modules(plan_fields: dict) -> list[str]:
@@ -295,7 +318,7 @@ def resolve_plan(
         precision_note=precision_note,
         memory_estimate=estimate,
         packing=bool(cfg.data.packing) if task == "sft" else False,
-        optimizer=_optimizer(t.optimizer, method.quantized, device),
+        **_optimizer_and_strategy(t, method.quantized, device),
     )
     if method.quantized:
         compute = _compute_dtype(str(cfg.method.compute_dtype), device)

@@ -11,6 +11,7 @@ from typing import Any
 
 from tasks.plan import RunPlan
 from tasks.training.batching import Rows
+from tasks.training.parallel import Engine
 
 
 @dataclass
@@ -37,11 +38,9 @@ class Session:
 
     run: Path
     plan: RunPlan
-    rank: int
-    world: int
-    device: str
-    model: Any  # DDP-wrapped when world > 1
-    core: Any  # the model itself
+    engine: Engine  # rank, world size, device and strategy (tasks/training/parallel.py)
+    model: Any  # what the steps call: DDP-wrapped under ddp, sharded in place under fsdp
+    core: Any  # the model itself (under fsdp: the same sharded module)
     tokenizer: Any
     built: Any
     train: Rows
@@ -61,6 +60,18 @@ class Session:
     samples: int = 0
     base_seconds: float = 0.0
     attempt_t0: float = field(default_factory=time.perf_counter)
+
+    @property
+    def rank(self) -> int:
+        return self.engine.rank
+
+    @property
+    def world(self) -> int:
+        return self.engine.world
+
+    @property
+    def device(self) -> str:
+        return self.engine.device
 
     @property
     def metrics_path(self) -> Path:
