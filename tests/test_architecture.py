@@ -21,6 +21,7 @@ LAYERS = [
             "tasks.workspace",
             "tasks.config",
             "tasks.config_base",
+            "tasks.code_version",
             "tasks.config_checks",
             "tasks.config_loading",
             "tasks.optimizers",
@@ -165,7 +166,7 @@ def _copy_project(tmp_path: Path) -> Path:
 def test_editing_code_the_train_stage_runs_changes_its_code_version(tmp_path, edited):
     """The child's loop is not imported by the stage's module directly (it runs in a subprocess), yet it is part
     of the train stage's code: the closure reaches it through tasks.training.worker."""
-    from tasks.caching import code_version
+    from tasks.code_version import code_version
     from tasks.stages import EVALUATE, TRAIN
 
     root = _copy_project(tmp_path)
@@ -180,7 +181,7 @@ def test_editing_code_the_train_stage_runs_changes_its_code_version(tmp_path, ed
 
 def test_a_renamed_module_cannot_drop_out_of_the_code_version(tmp_path):
     """Names come from the code's own imports: rename a module (and its import) and its code still counts."""
-    from tasks.caching import code_version, import_closure
+    from tasks.code_version import code_version, import_closure
 
     root = _copy_project(tmp_path)
     assert "tasks.training.session" in import_closure("tasks.training.launch", root)
@@ -195,8 +196,35 @@ def test_a_renamed_module_cannot_drop_out_of_the_code_version(tmp_path):
     assert code_version("tasks.training.launch", root) != before
 
 
+def test_code_versions_are_read_back_from_disk_until_a_file_changes(tmp_path, monkeypatch):
+    """A fully cached rerun must not parse the project again: a second process (here: emptied in-process caches)
+    reads the versions back; an edit changes the stamp, and the version is computed anew."""
+    import ast
+
+    from tasks import code_version as cv
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = _copy_project(tmp_path)
+    first = cv.code_version("tasks.training.launch", root)
+    assert cv.memo_file().is_file()
+    cv._code_version.cache_clear(), cv._project_imports.cache_clear()
+
+    def no_parse(*a, **k):
+        raise AssertionError("parsed again although no file changed")
+
+    monkeypatch.setattr(ast, "parse", no_parse)
+    assert cv.code_version("tasks.training.launch", root) == first
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with open(root / "tasks/training/loop.py", "a", encoding="utf-8") as fh:
+        fh.write("\n# an edit\n")
+    assert cv.code_version("tasks.training.launch", root) != first
+    cv.memo_file().write_text("{not json")  # a damaged memo is recomputed, never an error
+    assert cv.code_version("tasks.training.launch", root) != first
+
+
 def test_metric_modules_loaded_by_path_count_for_the_evaluation_stage(tmp_path):
-    from tasks.caching import code_version
+    from tasks.code_version import code_version
 
     root = _copy_project(tmp_path)
     before = code_version("tasks.evaluation.evaluate", root)
