@@ -8,7 +8,7 @@ Side by side in one run, each in a fresh process on the same config and data:
 
     .venv/bin/python benchmarks/pipeline_overhead.py [--repeats 1] [--set key=value ...]
 
-Goals: flow / plain - 1 < 10 %; cached / flow < 5 %. On a shared machine the training time moves with the
+Goals ([2-5]): flow / plain - 1 <= 5 %; cached / flow <= 1 %. On a shared machine the training time moves with the
 load, so the time outside training (wall - the training child's own seconds) is reported for both as well.
 """
 
@@ -153,7 +153,7 @@ def main() -> None:
             "cached_rerun_heavy_imports": heavy[-1],
             "ephemeral_cached_rerun_s": round(med(ephemeral), 2),
             "ephemeral_server_start_adds_s": round(med(ephemeral) - med(cached), 2),
-            "goals": {"flow_overhead_pct": "< 10", "cached_fraction_pct": "< 5"},
+            "goals": {"flow_overhead_pct": "<= 5", "cached_fraction_pct": "<= 1"},
         }
     )
     print(json.dumps(out))

@@ -1,0 +1,142 @@
+"""What the flow costs beside the work (benchmarks/pipeline_overhead.py): the flow's end does not wait for Prefect's
+heartbeat thread (it sleeps in whole seconds; joining it cost up to 1 s per run), the training progress reaches the
+dashboard through one API client at a bounded rate, and the CLI's progress records stay out of the run log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+import pytest
+
+
+class _Engine:
+    """The parts of a flow run engine that prefect.flow_engine._send_heartbeats reads."""
+
+    heartbeat_seconds = 30
+    flow_run = None
+    logger = logging.getLogger("test.heartbeats")
+
+    def __init__(self):
+        self.beats = 0
+
+    def _build_heartbeat_event_template(self):
+        return None, None
+
+    def _emit_flow_run_heartbeat(self, resource, related):
+        self.beats += 1
+
+
+def test_the_heartbeat_thread_is_stopped_without_waiting_for_its_sleep():
+    from prefect import flow_engine
+
+    import flows.finetune as ff
+
+    assert ff.HEARTBEATS_WITHOUT_JOIN
+    engine, before = _Engine(), set(threading.enumerate())
+    with flow_engine._send_heartbeats(engine):
+        deadline = time.monotonic() + 5
+        while not engine.beats and time.monotonic() < deadline:  # the thread has emitted and gone to sleep
+            time.sleep(0.01)
+        started = [t for t in threading.enumerate() if t not in before]
+    assert engine.beats == 1 and len(started) == 1
+    thread = started[0]
+    # Prefect's own join would have waited for the current 1 s sleep to end: the thread would be gone by now
+    assert thread.is_alive() and thread.daemon
+    thread.join(timeout=3)  # it stops by itself at its next wake-up, without another heartbeat
+    assert not thread.is_alive() and engine.beats == 1
+
+
+def test_applying_it_twice_keeps_one_wrapper():
+    from prefect import flow_engine
+
+    import flows.finetune as ff
+
+    first = flow_engine._send_heartbeats
+    assert ff._heartbeats_without_join() and flow_engine._send_heartbeats is first
+
+
+def test_progress_records_stay_out_of_the_run_log():
+    from tasks.reporting.progress import library_logs_to, progress_log
+
+    class RunLog:
+        def __init__(self):
+            self.lines = []
+
+        def log(self, level, fmt, *args):
+            self.lines.append(fmt % args)
+
+    run_log = RunLog()
+    with library_logs_to(run_log):
+        progress_log.info("train 12.5%", extra={"stage": "train", "state": "Progress"})
+        logging.getLogger("finetune.train").warning("resumed from step 4")
+    assert run_log.lines == ["[finetune.train] resumed from step 4"]
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.mark.flow
+def test_training_progress_reaches_the_dashboard_through_one_client_at_a_bounded_rate(
+    prefect_harness, tmp_path, monkeypatch
+):
+    from prefect import flow
+    from prefect.client.orchestration import SyncPrefectClient, get_client
+
+    from tasks.reporting.artifacts import artifact_key
+    from tasks.reporting.progress import progress_log, training_progress
+
+    updates, clients, reports = [], [], []
+    real_update, real_enter = SyncPrefectClient.update_artifact, SyncPrefectClient.__enter__
+
+    def update(self, artifact_id, artifact):
+        updates.append(artifact.data)
+        return real_update(self, artifact_id=artifact_id, artifact=artifact)
+
+    def enter(self):
+        if threading.current_thread().name == "training-progress":
+            clients.append(self)
+        return real_enter(self)
+
+    monkeypatch.setattr(SyncPrefectClient, "update_artifact", update)
+    monkeypatch.setattr(SyncPrefectClient, "__enter__", enter)
+
+    class Seen(logging.Handler):
+        def emit(self, record):
+            reports.append(record.getMessage())
+
+    handler = Seen()
+    progress_log.addHandler(handler)
+    progress_log.setLevel(logging.INFO)
+    run = tmp_path / "run"
+    run.mkdir()
+
+    @flow
+    def trains():
+        with training_progress("probe", run, epochs=4, every_s=0.05, artifact_every_s=0.6):
+            for step in range(1, 13):
+                with open(run / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps({"type": "step", "step": step, "epoch": step / 3, "loss": 1 / step}) + "\n")
+                time.sleep(0.15)
+
+    try:
+        t0 = time.monotonic()
+        trains()
+        seconds = time.monotonic() - t0
+    finally:
+        progress_log.removeHandler(handler)
+    assert len(reports) >= 8  # the CLI's view follows nearly every step
+    mid = [u for u in updates if 0 < u < 100]
+    assert mid, "the dashboard's bar never moved during training"
+    assert len(mid) <= seconds / 0.6 + 1 < len(reports)  # at most one update per artifact_every_s
+    assert len(clients) == 1  # the progress thread opens one client for the whole training, not one per update
+    with get_client(sync_client=True) as client:
+        art = [a for a in client.read_artifacts(limit=100) if a.key == artifact_key("probe", "training-progress")]
+    assert art and art[0].data == 100 and art[0].description == "training finished"
