@@ -180,6 +180,26 @@ def test_labels_cover_every_assistant_turn_and_nothing_else(chat_llama):
     assert "colour" not in trained and "extract" not in trained and "user" not in trained
 
 
+def test_the_response_loss_is_transformers_causal_lm_loss_summed():
+    """causal_lm_loss shifts the labels instead of copying the logits; it must stay the loss transformers trains its
+    causal LMs with (ForCausalLMLoss), summed over the target tokens."""
+    import torch
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from tasks.data.sft_rows import causal_lm_loss
+    from tasks.data.sft_tokens import IGNORE
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 9, 17)
+    labels = torch.randint(0, 17, (3, 9))
+    labels[:, :4] = IGNORE  # the prompt
+    labels[2, 7:] = IGNORE  # padding
+    ours = causal_lm_loss(logits, labels)
+    theirs = ForCausalLMLoss(logits, labels, vocab_size=17, num_items_in_batch=torch.tensor(1))
+    assert torch.allclose(ours, theirs, rtol=1e-6)
+    assert ours.requires_grad is False and ours.ndim == 0
+
+
 def test_prompt_tokens_never_reach_the_loss_or_the_gradients(chat_llama):
     """Change the target of a prompt position: the loss and every gradient stay exactly the same; change an
     answer token's target and the loss moves (the test would notice a mask that leaks)."""

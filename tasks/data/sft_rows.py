@@ -64,10 +64,13 @@ class TokenRows:
 
 
 def causal_lm_loss(logits, labels):
-    """Next-token cross-entropy summed over the target (answer) tokens; labels are IGNORE (-100) elsewhere."""
+    """Next-token cross-entropy summed over the target (answer) tokens; labels are IGNORE (-100) elsewhere.
+
+    The labels are shifted (position t is scored against token t+1, the last position against nothing), not the
+    logits: slicing logits[:, :-1] and flattening it copied the whole batch x length x vocabulary tensor, the largest
+    one a decoder's step holds (49,152 entries per token for SmolLM2)."""
+    import torch
     import torch.nn.functional as F
 
-    shift = logits[:, :-1].float()
-    return F.cross_entropy(
-        shift.reshape(-1, shift.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
-    )
+    target = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)
+    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")

@@ -123,15 +123,20 @@ def activation_bytes(
     checkpointing: bool,
     lm_logits: bool,
     loss_chunks: int = 1,
+    dropout_inputs: float = 0.0,
 ) -> float:
     """Activations kept for backward. Per token and layer (fused attention: no seq x seq scores): the attention
     block keeps its norm input, the q/k/v input and outputs, the attention output and the o_proj input; the MLP its
     norm input, input and 4 (gated: gate, up, act, product) or 3 intermediate-sized tensors. With checkpointing only
     each layer's input is kept, plus one layer's full activations during its recompute. A language model adds its
-    logits (vocab per token) and the loss's fp32 copy of them (in `loss_chunks` pieces when the loss is chunked)."""
+    logits (vocab per token) and the loss's fp32 copy of them (in `loss_chunks` pieces when the loss is chunked).
+    `dropout_inputs`: features per token and layer that go through LoRA dropout (the in_features of every adapted
+    linear layer, when lora_dropout > 0): each is kept twice for backward, dropped-out copy and mask (measured:
+    SmolLM2-135M, LoRA on all linear layers, 4 x 192 tokens on CPU: 3.58 GB per step with lora_dropout 0.1, 2.11 GB
+    without; 8 bytes per element of a float32 input in isolation)."""
     h, inter, kv = shape["hidden"], shape["intermediate"], shape["kv_hidden"]
     tokens = micro_batch * max_length
-    per_layer = tokens * act_bytes * (6 * h + 2 * kv + (4 if shape["gated"] else 3) * inter)
+    per_layer = tokens * act_bytes * (6 * h + 2 * kv + (4 if shape["gated"] else 3) * inter + 2 * dropout_inputs)
     if checkpointing:
         layers = shape["layers"] * tokens * act_bytes * h + per_layer
     else:
@@ -216,6 +221,7 @@ def plan_method(method, counts, shape, *, settings: dict) -> dict[str, Any]:
                 checkpointing=ckpt,
                 lm_logits=s["lm_logits"],
                 loss_chunks=s.get("loss_chunks", 1),
+                dropout_inputs=s["dropout_inputs"] if method.adapter else 0.0,
             )
             parts = {k: static[k] for k in ("weights", "gradients", "optimizer")}
             parts |= {"activations": act + static["dora_extra"], "runtime": s["runtime"]}
@@ -286,6 +292,14 @@ def plan_memory(
     targets = resolve_targets(meta, heads, method_settings.get("target_modules", "auto"))
     counts = count_parameters(meta, heads, targets, int(method_settings.get("lora_r", 8)))
     largest = max((p.numel() for p in meta.parameters()), default=0)
+    dropout_inputs = 0.0
+    if float(method_settings.get("lora_dropout", 0.0) or 0.0) > 0:
+        adapted = [
+            getattr(m, "in_features", None) or m.weight.shape[0]  # GPT-2's Conv1D keeps (in, out) weights
+            for n, m in meta.named_modules()
+            if is_linear(m) and n.rsplit(".", 1)[-1] in targets and not any(n.startswith(h) for h in heads)
+        ]
+        dropout_inputs = sum(adapted) / max(1, shape_of(config)["layers"])
     del meta
     shape = shape_of(config)
     available = parse_memory(device_memory) if device_memory is not None else available_memory_bytes(device)
@@ -332,6 +346,7 @@ def plan_memory(
             "shards": processes if strategy == "fsdp" else 1,
             "max_length": max_length,
             "lm_logits": task == "sft",
+            "dropout_inputs": dropout_inputs,
             "budget": budget,
         }
         out["methods"][kind] = plan_method(method, counts, shape, settings=settings)
