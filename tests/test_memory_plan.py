@@ -77,7 +77,7 @@ def test_fsdp_shards_weights_gradients_and_optimizer_state_per_process():
 
 
 def test_lora_dropout_keeps_a_copy_and_a_mask_of_every_adapted_input():
-    """Measured on SmolLM2 (benchmarks/RESULTS.md): lora_dropout 0.1 raised a CPU step from 2.11 to 3.58 GB."""
+    """Measured on SmolLM2 (benchmarks/RESULTS.md): lora_dropout 0.1 raised a CPU step from 2.06 to 3.49 GiB."""
     from tasks.model.memory import estimate_memory
 
     kw = {"micro_batch_size": 1, "max_length": 128, "device": "cpu", "device_memory": "1000GB"}

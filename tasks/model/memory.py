@@ -132,7 +132,7 @@ def activation_bytes(
     logits (vocab per token) and the loss's fp32 copy of them (in `loss_chunks` pieces when the loss is chunked).
     `dropout_inputs`: features per token and layer that go through LoRA dropout (the in_features of every adapted
     linear layer, when lora_dropout > 0): each is kept twice for backward, dropped-out copy and mask (measured:
-    SmolLM2-135M, LoRA on all linear layers, 4 x 192 tokens on CPU: 3.58 GB per step with lora_dropout 0.1, 2.11 GB
+    SmolLM2-135M, LoRA on all linear layers, 4 x 192 tokens on CPU: 3.49 GiB per step with lora_dropout 0.1, 2.06 GiB
     without; 8 bytes per element of a float32 input in isolation)."""
     h, inter, kv = shape["hidden"], shape["intermediate"], shape["kv_hidden"]
     tokens = micro_batch * max_length

@@ -17,8 +17,8 @@ from tasks.training.session import Session, append, last_eval
 def validate(s: Session) -> dict:
     """Validation loss and metrics of the model as it stands. Instruction tuning validates at the training
     micro-batch: a decoder's logits (rows x tokens x vocabulary) are its largest tensors, and a validation batch of
-    32 rows raised the peak far above training's (SmolLM2, micro-batch 4 x 256 tokens: 7.1 GB RSS where training
-    alone needs about 2), past what the memory planner promised."""
+    32 rows raised the peak far above training's (SmolLM2, micro-batch 4 x 256 tokens: 6.95 GiB RSS; 5.05 GiB with
+    validation at the micro-batch and the loss without its logits copy; benchmarks/RESULTS.md)."""
     batch = s.plan.micro_batch_size if s.plan.task == "sft" else max(2 * s.plan.micro_batch_size, 32)
     return evaluate(s.core, s.val, s.loss_fn, batch, s.device, s.autocast)
 
