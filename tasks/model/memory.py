@@ -260,6 +260,31 @@ def _method_row(tried, paged: float, s: dict, fits: bool) -> dict[str, Any]:
     }
 
 
+def _dropout_inputs(meta, targets: list[str], heads: list[str], layers: int, method_settings: dict) -> float:
+    """Features per token and layer that pass through LoRA dropout: the inputs of the adapted linear layers."""
+    if float(method_settings.get("lora_dropout", 0.0) or 0.0) <= 0:
+        return 0.0
+    adapted = [
+        getattr(m, "in_features", None) or m.weight.shape[0]  # GPT-2's Conv1D keeps (in, out) weights
+        for n, m in meta.named_modules()
+        if is_linear(m) and n.rsplit(".", 1)[-1] in targets and not any(n.startswith(h) for h in heads)
+    ]
+    return sum(adapted) / max(1, layers)
+
+
+def _recipe(on_gpu: bool, method_settings: dict, largest: int, options: dict) -> dict:
+    """This project's training recipe on the device, with `options` (another recipe's, for comparisons) on top."""
+    recipe = {
+        "weight_bytes": None,
+        "act_bytes": 2.0 if on_gpu else 4.0,
+        "runtime": RUNTIME_BYTES["cuda" if on_gpu else "cpu"],
+        "double_quant": method_settings.get("double_quant", True),
+        "largest_parameter": largest,
+    } | options
+    recipe["runtime"] = options.get("runtime_bytes", recipe["runtime"])
+    return recipe
+
+
 def plan_memory(
     config,
     method_settings: dict,
@@ -292,16 +317,9 @@ def plan_memory(
     targets = resolve_targets(meta, heads, method_settings.get("target_modules", "auto"))
     counts = count_parameters(meta, heads, targets, int(method_settings.get("lora_r", 8)))
     largest = max((p.numel() for p in meta.parameters()), default=0)
-    dropout_inputs = 0.0
-    if float(method_settings.get("lora_dropout", 0.0) or 0.0) > 0:
-        adapted = [
-            getattr(m, "in_features", None) or m.weight.shape[0]  # GPT-2's Conv1D keeps (in, out) weights
-            for n, m in meta.named_modules()
-            if is_linear(m) and n.rsplit(".", 1)[-1] in targets and not any(n.startswith(h) for h in heads)
-        ]
-        dropout_inputs = sum(adapted) / max(1, shape_of(config)["layers"])
-    del meta
     shape = shape_of(config)
+    dropout_inputs = _dropout_inputs(meta, targets, heads, shape["layers"], method_settings)
+    del meta
     available = parse_memory(device_memory) if device_memory is not None else available_memory_bytes(device)
     budget = available * headroom
     effective = effective_batch_size or micro_batch_size * processes
@@ -328,15 +346,7 @@ def plan_memory(
             opt, ok = resolve_optimizer(optimizer, method.quantized, device), True
         except ValueError as exc:
             opt, ok, refused = optimizer, False, f"training.optimizer: {exc}"
-        settings = {
-            "weight_bytes": None,
-            "act_bytes": 2.0 if on_gpu else 4.0,
-            "runtime": RUNTIME_BYTES["cuda" if on_gpu else "cpu"],
-            "double_quant": method_settings.get("double_quant", True),
-            "largest_parameter": largest,
-        } | options
-        settings["runtime"] = options.get("runtime_bytes", settings["runtime"])
-        settings |= {
+        settings = _recipe(on_gpu, method_settings, largest, options) | {
             "on_gpu": on_gpu,
             "opt": opt,
             "opt_ok": ok,
