@@ -94,12 +94,8 @@ def _code_version(module: str, root: Path, stamp: tuple) -> str:
 
 def code_version(module: str, root: Path = PROJECT_ROOT) -> str:
     """Hash of the source of `module`'s import closure (see the module docstring)."""
-    stamp = tuple(
-        (str(p), p.stat().st_mtime_ns, p.stat().st_size)
-        for pkg in PROJECT_PACKAGES
-        if (root / pkg).is_dir()
-        for p in sorted((root / pkg).rglob("*.py"))
-    )
+    files = [p for pkg in PROJECT_PACKAGES if (root / pkg).is_dir() for p in sorted((root / pkg).rglob("*.py"))]
+    stamp = tuple((str(p), st.st_mtime_ns, st.st_size) for p in files for st in (p.stat(),))
     key = hashlib.sha256(json.dumps([str(root), stamp]).encode()).hexdigest()
     memo = _read_memo(key)
     if module not in memo:

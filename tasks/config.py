@@ -215,8 +215,8 @@ class TrainingConfig(_Section):
     processes: int = Field(1, ge=1, le=64, description=">1 launches torchrun with that many processes.")
     strategy: Literal["auto", "ddp", "fsdp"] = Field(
         "auto",
-        description="With processes > 1: ddp (a model copy per "
-        "process) or fsdp (torch FSDP2: weights, gradients, optimizer state sharded over them); auto: ddp.",
+        description="With processes > 1: ddp (a model copy per process) or fsdp (torch FSDP2: weights, gradients "
+        "and optimizer state sharded over the processes); auto: ddp.",
     )
     seed: int = 42
     timeout_s: int = Field(6 * 3600, ge=10, description="Training child process is killed after this many seconds.")

@@ -117,9 +117,8 @@ class RunPlan:
     precision_note: str | None = None
     memory_estimate: dict | None = None
     optimizer: str = "adamw"  # training.optimizer resolved (auto -> paged_adamw_32bit for qlora on CUDA); in the keys
-    strategy: str = (
-        "single"  # training.strategy resolved: single (one process), ddp or fsdp (tasks/training/parallel.py)
-    )
+    # training.strategy resolved: single (one process), ddp or fsdp (tasks/training/parallel.py); in the keys
+    strategy: str = "single"
     device_note: str | None = None
     version: str = PLAN_VERSION
 

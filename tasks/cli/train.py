@@ -94,7 +94,7 @@ def estimate_command(
         _fail("--device cuda on a machine without a GPU: fix: give the GPU's memory, e.g. --device-memory 24GB")
     try:
         from tasks.model.loading import default_device
-        from tasks.model.memory import estimate_memory, format_estimate
+        from tasks.model.memory import estimate_memory
         from tasks.training.planner import batch_plan
 
         t = cfg.training
@@ -118,6 +118,32 @@ def estimate_command(
     except _user_errors() as exc:
         _fail(exc)
     typer.echo(json.dumps(est) if as_json else format_estimate(est))
+
+
+def format_estimate(est: dict) -> str:
+    """The table `finetune estimate` prints (GiB)."""
+    lines = [
+        f"base model: {est['base_model']}  ({est['parameters'] / 1e6:.1f}M parameters, device {est['device']})",
+        f"effective batch {est['effective_batch_size']} (micro-batch up to {est['micro_batch_size']}) x "
+        f"{est['max_length']} tokens; memory {est['available_gb']} GiB, budget {est['budget_gb']} GiB",
+        f"{'method':<7} {'weights':>8} {'grads':>8} {'optim':>8} {'paged':>7} {'activ':>8} {'runtime':>8} "
+        f"{'total':>8}  {'fits':<4} {'micro x accum':>13}  ckpt  optimizer",
+    ]
+    for kind, m in est["methods"].items():
+        batch = f"{m['micro_batch_size']} x {m['gradient_accumulation_steps']}"
+        lines.append(
+            f"{kind:<7} {m['weights']:>8.2f} {m['gradients']:>8.2f} {m['optimizer']:>8.2f} {m['paged']:>7.2f} "
+            f"{m['activations']:>8.2f} {m['runtime']:>8.2f} {m['total_gb']:>8.2f}  {'yes' if m['fits'] else 'no':<4} "
+            f"{batch:>13}  {'on ' if m['gradient_checkpointing'] else 'off'}   {m['optimizer_kind'] or '-'}"
+        )
+    if est.get("strategy") == "fsdp":
+        lines.append(
+            f"fsdp over {est['processes']} processes: figures per process; weights, gradients and optimizer state are "
+            "sharded, the total adds two gathered blocks (4-bit bases are not sharded)"
+        )
+    lines.append("paged: optimizer state in CUDA unified memory, spilled to CPU RAM under pressure (not in total)")
+    lines.append(f"auto choice: {est['choice'] or 'none'} ({est['reason']})")
+    return "\n".join(lines)
 
 
 def register(app: typer.Typer) -> None:

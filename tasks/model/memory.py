@@ -78,16 +78,21 @@ def _output_layer(meta) -> set[str]:
     return {n for n, m in meta.named_modules() if out is not None and m is out}
 
 
+def backbone_linears(meta, heads: list[str]):
+    """(name, module) of the backbone's linear layers: never the head nor a language model's output layer."""
+    skip = _output_layer(meta)
+    for name, m in meta.named_modules():
+        if is_linear(m) and name not in skip and not any(name == h or name.startswith(h + ".") for h in heads):
+            yield name, m
+
+
 def count_parameters(meta, heads: list[str], targets: list[str], rank: int) -> ParameterCounts:
     """Parameter counts; `linear` is what bitsandbytes quantizes: the backbone's linear layers, never the head nor
     a language model's output layer (transformers' bnb integration keeps lm_head out of 4-bit)."""
     total = sum(p.numel() for p in meta.parameters())
     head = sum(p.numel() for n, p in meta.named_parameters() if any(n.startswith(h + ".") for h in heads))
-    skip = _output_layer(meta)
     linear = lora = dora = biggest = 0
-    for name, m in meta.named_modules():
-        if not is_linear(m) or name in skip or any(name == h or name.startswith(h + ".") for h in heads):
-            continue
+    for name, m in backbone_linears(meta, heads):
         linear += m.weight.numel()
         if name.rsplit(".", 1)[-1] in targets:
             out_f, in_f = m.weight.shape[0], m.weight.shape[1]
@@ -266,8 +271,8 @@ def _dropout_inputs(meta, targets: list[str], heads: list[str], layers: int, met
         return 0.0
     adapted = [
         getattr(m, "in_features", None) or m.weight.shape[0]  # GPT-2's Conv1D keeps (in, out) weights
-        for n, m in meta.named_modules()
-        if is_linear(m) and n.rsplit(".", 1)[-1] in targets and not any(n.startswith(h) for h in heads)
+        for n, m in backbone_linears(meta, heads)
+        if n.rsplit(".", 1)[-1] in targets
     ]
     return sum(adapted) / max(1, layers)
 
@@ -392,29 +397,3 @@ def estimate_memory(
         **kw,
     )
     return {"base_model": base} | est
-
-
-def format_estimate(est: dict) -> str:
-    """The table `finetune estimate` prints (GiB)."""
-    lines = [
-        f"base model: {est['base_model']}  ({est['parameters'] / 1e6:.1f}M parameters, device {est['device']})",
-        f"effective batch {est['effective_batch_size']} (micro-batch up to {est['micro_batch_size']}) x "
-        f"{est['max_length']} tokens; memory {est['available_gb']} GiB, budget {est['budget_gb']} GiB",
-        f"{'method':<7} {'weights':>8} {'grads':>8} {'optim':>8} {'paged':>7} {'activ':>8} {'runtime':>8} "
-        f"{'total':>8}  {'fits':<4} {'micro x accum':>13}  ckpt  optimizer",
-    ]
-    for kind, m in est["methods"].items():
-        batch = f"{m['micro_batch_size']} x {m['gradient_accumulation_steps']}"
-        lines.append(
-            f"{kind:<7} {m['weights']:>8.2f} {m['gradients']:>8.2f} {m['optimizer']:>8.2f} {m['paged']:>7.2f} "
-            f"{m['activations']:>8.2f} {m['runtime']:>8.2f} {m['total_gb']:>8.2f}  {'yes' if m['fits'] else 'no':<4} "
-            f"{batch:>13}  {'on ' if m['gradient_checkpointing'] else 'off'}   {m['optimizer_kind'] or '-'}"
-        )
-    if est.get("strategy") == "fsdp":
-        lines.append(
-            f"fsdp over {est['processes']} processes: figures per process; weights, gradients and optimizer state are "
-            "sharded, the total adds two gathered blocks (4-bit bases are not sharded)"
-        )
-    lines.append("paged: optimizer state in CUDA unified memory, spilled to CPU RAM under pressure (not in total)")
-    lines.append(f"auto choice: {est['choice'] or 'none'} ({est['reason']})")
-    return "\n".join(lines)

@@ -116,8 +116,8 @@ def restore_trainable(model, path: Path, engine: Engine) -> None:
     """Load a checkpoint's trainable weights into the model (every saved tensor must find its place)."""
     from safetensors.torch import load_file
 
-    device = "cpu" if engine.sharded else engine.device  # FSDP scatters full CPU tensors into its shards
-    unexpected = engine.load_trainable(model, load_file(str(Path(path) / "trainable.safetensors"), device=device))
+    weights = load_file(str(Path(path) / "trainable.safetensors"), device=engine.load_device)
+    unexpected = engine.load_trainable(model, weights)
     if unexpected:
         raise RuntimeError(f"checkpoint {path} holds weights the model does not have: {unexpected[:5]}")
 
@@ -127,10 +127,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, engine: Engine) -> 
     import torch
 
     restore_trainable(model, path, engine)
-    device = "cpu" if engine.sharded else engine.device
-    engine.load_optimizer_state(
-        model, optimizer, torch.load(Path(path) / "optimizer.pt", map_location=device, weights_only=True)
-    )
+    state = torch.load(Path(path) / "optimizer.pt", map_location=engine.load_device, weights_only=True)
+    engine.load_optimizer_state(model, optimizer, state)
     scheduler.load_state_dict(torch.load(Path(path) / "scheduler.pt", weights_only=True))
     _set_rng_state(torch.load(Path(path) / "rng_state.pt", weights_only=True))
     state = read_json(Path(path) / "trainer_state.json")

@@ -23,8 +23,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-STRATEGIES = ("ddp", "fsdp")
-
 
 @dataclass
 class Engine:
@@ -38,6 +36,11 @@ class Engine:
     @property
     def sharded(self) -> bool:
         return self.strategy == "fsdp" and self.world > 1
+
+    @property
+    def load_device(self) -> str:
+        """Where checkpoint tensors are read to: FSDP scatters full CPU tensors into its shards."""
+        return "cpu" if self.sharded else self.device
 
     # ---- process group -------------------------------------------------------------------------------------
     @classmethod
@@ -123,12 +126,11 @@ class Engine:
 
     def load_trainable(self, model, weights: dict) -> list[str]:
         """Put full tensors (from a checkpoint) into the model; returns the names the model does not have."""
-        unexpected = sorted(set(weights) - set(model.state_dict()))
         if not self.sharded:
-            model.load_state_dict(weights, strict=False)
-            return unexpected
+            return list(model.load_state_dict(weights, strict=False).unexpected_keys)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+        unexpected = sorted(set(weights) - set(model.state_dict()))
         known = {k: v for k, v in weights.items() if k not in unexpected}
         set_model_state_dict(model, known, options=StateDictOptions(full_state_dict=True, strict=False))
         return unexpected
