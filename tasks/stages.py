@@ -230,7 +230,7 @@ def evaluate(config: RunConfig, trained):
 
 
 def _evaluate_key(config: RunConfig, trained) -> tuple[str, Path]:
-    from tasks.evaluation.evaluate import evaluation_key
+    from tasks.evaluation.keys import evaluation_key
 
     key = evaluation_key(config, trained.path)
     return key, workspace_of(config).evaluation(key)
@@ -244,7 +244,7 @@ def export(config: RunConfig, trained, evaluated):
 
 
 def _export_key(config: RunConfig, trained, evaluated) -> tuple[str, Path]:
-    from tasks.release.export import export_key
+    from tasks.release.keys import export_key
 
     key = export_key(config, trained.path, evaluated.path)
     return key, workspace_of(config).export(key)

@@ -182,7 +182,7 @@ def test_multi_label_end_to_end_uses_validation_thresholds(tmp_path, workspace, 
 def test_multi_label_evaluation_key_follows_the_threshold_grid(tmp_path, workspace, tiny_bert, monkeypatch):
     """A multi-label evaluation depends on the grid its thresholds are tuned over: a new grid is a new
     evaluation; a single-label evaluation does not use it and keeps its key."""
-    import tasks.evaluation.evaluate as ev
+    import tasks.evaluation.keys as ev
 
     ml_cfg, ml = _prepare(tmp_path / "ml", workspace, _multi_rows(60), task="multi_label", label_delimiter="|")
     ml_run = make_run(workspace, ml, tiny_bert, name="run-ml")

@@ -17,9 +17,8 @@ import numpy as np
 
 from tasks.config import BUNDLED_MODEL, RunConfig
 from tasks.data.sources import load_split
+from tasks.evaluation.keys import EVAL_VERSION, MIN_POSITIVES_PER_LABEL, THRESHOLD_GRID, evaluation_key
 from tasks.evaluation.metrics import (
-    MIN_POSITIVES_PER_LABEL,
-    THRESHOLD_GRID,
     MetricError,
     compute_metrics,
     load_extra_metric,
@@ -30,28 +29,10 @@ from tasks.evaluation.metrics import (
 )
 from tasks.evaluation.records import clean, compare
 from tasks.evaluation.scoring import predict_scores
-from tasks.files import atomic_dir, folder_stamp, sha256_json, write_json
+from tasks.files import atomic_dir, write_json
 from tasks.plan import RunPlan
 from tasks.records import EvalResult
 from tasks.workspace import Workspace, read_facts
-
-EVAL_VERSION = "3"  # 3: metrics.json records no local paths (run path relative, base model by name)
-
-
-def evaluation_key(cfg: RunConfig, run_dir: str | Path) -> str:
-    """The run's key + a stamp of its trained model (file sizes and times) + evaluation settings + code version."""
-    run = Path(run_dir)
-    plan = RunPlan.read(run)
-    payload = {
-        "run": run.name,
-        "model": folder_stamp(run / "model"),
-        "evaluation": cfg.evaluation.model_dump(mode="json"),
-        "max_length": plan.max_length,
-        "version": EVAL_VERSION,
-    }
-    if plan.task == "multi_label":  # tuned thresholds come from this grid
-        payload["threshold_grid"] = [list(THRESHOLD_GRID), MIN_POSITIVES_PER_LABEL]
-    return sha256_json(payload)[:20]
 
 
 def base_model_facts(plan: RunPlan) -> dict:

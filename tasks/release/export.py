@@ -16,16 +16,16 @@ from pathlib import Path
 from tasks.config import RunConfig
 from tasks.data.sources import load_split
 from tasks.evaluation.evaluate import base_model_facts, portable_path
-from tasks.files import atomic_dir, folder_stamp, sha256_file, sha256_json, write_json
+from tasks.files import atomic_dir, sha256_json, write_json
 from tasks.model.methods import get_method
 from tasks.plan import RunPlan
 from tasks.records import ExportResult
+from tasks.release.keys import EXPORT_VERSION, export_key
 from tasks.release.merge import ExportError, MergeError, check_finite, merge_adapter, merge_shardwise, tolerance_for
 from tasks.release.probes import Probe, classification_probe, probe_for
 from tasks.release.provenance import code_version, package_versions
 from tasks.workspace import Workspace, WorkspaceError
 
-EXPORT_VERSION = "3"  # 3: lineage.json and the card record no local paths
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 __all__ = ["ExportError", "ExportResult", "MergeError", "export_key", "export_run", "heldout_fingerprint"]
@@ -37,22 +37,6 @@ def heldout_fingerprint(prepared_dir: str | Path) -> str:
     cols = [c for c in ("id", "text", "text_pair", "label") if c in df.columns]
     rows = [[str(v.tolist() if hasattr(v, "tolist") else v) for v in r] for r in df[cols].itertuples(index=False)]
     return sha256_json({"columns": cols, "rows": rows})[:20]
-
-
-def export_key(cfg: RunConfig, run_dir: str | Path, eval_dir: str | Path) -> str:
-    """Content key: the run (key, plan, summary), the evaluation, the export settings."""
-    run = Path(run_dir)
-    return sha256_json(
-        {
-            "run": run.name,
-            "plan": sha256_file(run / "plan.json"),
-            "model": folder_stamp(run / "model"),
-            "metrics": sha256_file(Path(eval_dir) / "metrics.json"),
-            "export": cfg.export.model_dump(mode="json"),
-            "name": cfg.registry.name,
-            "version": EXPORT_VERSION,
-        }
-    )[:20]
 
 
 def verification_texts(plan: RunPlan, cfg: RunConfig) -> tuple[list[str], list[str] | None]:

@@ -8,10 +8,12 @@ global batch size: the gradient is then the same whatever the micro-batch split 
 from __future__ import annotations
 
 from collections.abc import Callable
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from tasks.config import ConfigError
+
+if TYPE_CHECKING:  # numpy only where metrics are computed: a cached rerun plans its key without importing it
+    import numpy as np
 
 LOSS_FOR_TASK = {"single_label": "cross_entropy", "multi_label": "bce", "regression": "mse", "sft": "cross_entropy"}
 METRICS_FOR_TASK = {
@@ -103,6 +105,7 @@ def validation_metrics(task: str, y_true: np.ndarray, outputs: np.ndarray) -> di
     selection and the reported test score agree: F1 at a fixed 0.5 says little about a model trained with
     pos_weight, which scores rare labels high for every row (on GoEmotions, pos_weight reaches 449).
     F1 at 0.5 stays in the record as f1_micro_at_0.5 / f1_macro_at_0.5."""
+    import numpy as np
     from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, mean_squared_error, r2_score
 
     if task == "single_label":

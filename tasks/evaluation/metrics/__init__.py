@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.evaluation.keys import MIN_POSITIVES_PER_LABEL, THRESHOLD_GRID
+
 METRICS_DIR = Path(__file__).resolve().parent
 SHIPPED_METRICS = (
     "classification",
@@ -23,33 +25,6 @@ SHIPPED_METRICS = (
 )  # the modules in METRICS_DIR: always allowed as extra metrics
 TASKS = ("single_label", "multi_label", "regression")
 DEFAULT_PRIMARY = {"single_label": "f1_macro", "multi_label": "f1_micro", "regression": "r2"}
-# Per-label decision thresholds tried on validation: 0.05 steps, plus tails down to 0.001 and up to 0.999
-# (under class weighting, BCE pos_weight = neg/pos, a rare label's probabilities sit far above its frequency,
-# so its F1-best threshold can lie above 0.95).
-THRESHOLD_GRID = tuple(
-    sorted(
-        {
-            *(round(x, 2) for x in np.arange(0.05, 0.951, 0.05)),
-            0.001,
-            0.003,
-            0.01,
-            0.02,
-            0.03,
-            0.97,
-            0.98,
-            0.99,
-            0.995,
-            0.997,
-            0.999,
-        }
-    )
-)
-# A label with fewer validation positives than this shares one threshold (the one that maximizes micro-F1 over
-# all labels) instead of its own: a threshold fitted to a handful of positives does not carry over to test.
-# Measured on GoEmotions (2,000 train rows, 200 validation rows, 28 labels), same scores: per-label thresholds
-# everywhere gave test micro-F1 0.344 (TF-IDF) and 0.479 (MiniLM, full) on a 0.05..0.95 grid, 0.258 and 0.485
-# on this grid; with the shared threshold for labels under 10 positives, 0.442 and 0.517 on either grid.
-MIN_POSITIVES_PER_LABEL = 10
 LOWER_IS_BETTER = frozenset(
     {"mse", "rmse", "mae", "hamming_loss", "loss", "val_loss", "response_loss", "perplexity", "forgetting_ratio"}
 )
