@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
+from conftest import REPO, toy_rows, write_csv
 
 
 class _Engine:
@@ -140,3 +143,57 @@ def test_training_progress_reaches_the_dashboard_through_one_client_at_a_bounded
     with get_client(sync_client=True) as client:
         art = [a for a in client.read_artifacts(limit=100) if a.key == artifact_key("probe", "training-progress")]
     assert art and art[0].data == 100 and art[0].description == "training finished"
+
+
+def test_flow_parameters_are_stored_as_prefects_own_serializer_would_store_them():
+    """The flow serializes its parameters with pydantic instead of FastAPI's jsonable_encoder (whose import cost
+    0.1 s of a cached rerun): the dashboard must receive the same JSON, and a value of another kind still goes
+    through Prefect's serializer."""
+    from fastapi.encoders import jsonable_encoder
+
+    from flows.finetune import finetune
+    from tasks.config_loading import load_config
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["training.learning_rate=3e-4", "data.max_rows=50"])
+    params = {"config": cfg, "data_source": "/drop/new.csv", "data_sha256": None}
+    ours = finetune.serialize_parameters(params)
+    assert ours == {k: jsonable_encoder(v) for k, v in params.items()}
+    assert ours["config"]["training"]["learning_rate"] == 3e-4 and json.loads(json.dumps(ours)) == ours
+    odd = {"config": cfg, "data_source": Path("/drop/new.csv"), "data_sha256": None}
+    assert finetune.serialize_parameters(odd)["data_source"] == "/drop/new.csv"  # Prefect's path, unchanged
+
+
+@pytest.mark.flow
+def test_a_cached_rerun_through_the_cli_imports_nothing_heavy_and_exits_with_its_status(
+    prefect_harness, tmp_path, tiny_bert
+):
+    """`finetune run` twice in fresh processes against one server: the rerun is all Cached, imports neither torch,
+    transformers, numpy nor FastAPI, and still ends like any Python process (its output and summary complete,
+    exit status 0; a flow failed by bad input exits 2) although it skips the interpreter's module teardown."""
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    data = write_csv(tmp_path / "train.csv", toy_rows(90))
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_HOME=str(tmp_path / "home"))
+    sets = [f"workspace={tmp_path / 'ws'}", f"data.source={data}", f"model.name_or_path={tiny_bert}"]
+    sets += ["training.epochs=1", "training.learning_rate=1e-3", "data.max_length=32", "registry.must_beat=[]"]
+
+    def cli(*extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+        summary = tmp_path / "summary.json"
+        summary.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "tasks.cli", "run", str(REPO / "configs" / "demo.yaml")]
+        cmd += ["--summary-json", str(summary)] + [a for s in [*sets, *extra] for a in ("--set", s)]
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        return done, (json.loads(summary.read_text()) if summary.exists() else {})
+
+    first, s1 = cli()
+    assert first.returncode == 0, first.stderr[-3000:]
+    again, s2 = cli()
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {v["state"] for v in s2["tasks"].values()} == {"Cached"}
+    assert s2["heavy_modules_imported"] == [] and "torch" in s1["heavy_modules_imported"]
+    assert again.stdout.rstrip().splitlines()[-1].startswith("  report: ")  # stdout flushed before the fast exit
+    failed, s3 = cli("data.text_column=no_such_column")
+    assert failed.returncode == 2 and s3["state"] == "Failed" and "no_such_column" in failed.stderr
