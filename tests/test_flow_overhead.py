@@ -178,7 +178,8 @@ def test_a_cached_rerun_through_the_cli_imports_nothing_heavy_and_exits_with_its
     data = write_csv(tmp_path / "train.csv", toy_rows(90))
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_HOME=str(tmp_path / "home"))
     sets = [f"workspace={tmp_path / 'ws'}", f"data.source={data}", f"model.name_or_path={tiny_bert}"]
-    sets += ["training.epochs=1", "training.learning_rate=1e-3", "data.max_length=32", "registry.must_beat=[]"]
+    sets += ["training.epochs=1", "data.max_length=32", "registry.must_beat=[]"]
+    sets += ["training.search.candidates=[0.0003, 0.003]", "training.search.rung_steps=[2]"]  # the demo's path
 
     def cli(*extra: str) -> tuple[subprocess.CompletedProcess, dict]:
         summary = tmp_path / "summary.json"
@@ -192,7 +193,7 @@ def test_a_cached_rerun_through_the_cli_imports_nothing_heavy_and_exits_with_its
     assert first.returncode == 0, first.stderr[-3000:]
     again, s2 = cli()
     assert again.returncode == 0, again.stderr[-3000:]
-    assert {v["state"] for v in s2["tasks"].values()} == {"Cached"}
+    assert {v["state"] for v in s2["tasks"].values()} == {"Cached"} and "lr-search" in s2["tasks"]
     assert s2["heavy_modules_imported"] == [] and "torch" in s1["heavy_modules_imported"]
     assert again.stdout.rstrip().splitlines()[-1].startswith("  report: ")  # stdout flushed before the fast exit
     failed, s3 = cli("data.text_column=no_such_column")

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from tasks.files import write_json
 from tasks.plan import RunPlan
-from tasks.training.loop import run
 
 EXIT_OOM = 75
 EXIT_BUSY = 76  # another live process trains in this run folder
@@ -115,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     if "LOCAL_RANK" not in os.environ:  # under torchrun the launcher holds the folder's lock
         lock_run_folder(Path(argv[0]))
     import torch
+
+    from tasks.training.loop import run  # here, not at the top: the flow imports this module's names only
 
     try:
         run(argv[0])
