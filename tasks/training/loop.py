@@ -98,6 +98,8 @@ def _resume(s: Session) -> None:
     ckpt = None if s.plan.is_trial else latest_valid_checkpoint(s.checkpoints, log=s.log)
     if ckpt is not None:
         s.state = load_checkpoint(ckpt, s.core, s.optimizer, s.scheduler, s.engine)
+        if s.compact:
+            s.compact.refresh(s.optimizer)  # the full matrix came from the checkpoint
         s.resumed_from = s.state["global_step"]
         s.log(f"resuming from {ckpt.name} (epoch {s.state['epoch']}, step {s.resumed_from})")
         if s.rank == 0:
@@ -109,6 +111,16 @@ def _resume(s: Session) -> None:
     elif s.rank == 0 and s.metrics_path.exists():
         s.metrics_path.unlink()  # a clean start: no stale curve from an attempt that never checkpointed
     s.base_seconds = float(s.state.get("seconds") or 0.0)
+
+
+def _compact(plan: RunPlan, model, train, tokenizer, world: int):
+    """Full fine-tuning of a classifier: the word embeddings' unused rows leave the optimizer (exact, see the module)."""
+    if plan.method != "full" or plan.task == "sft":
+        return None
+    from tasks.training.compact_embedding import compact_embedding
+
+    extra = [i for i in (tokenizer.pad_token_id,) if i is not None]
+    return compact_embedding(model, train.input_ids, extra, world == 1, plan.optimizer)
 
 
 def setup(run_dir: str | Path) -> Session:
@@ -142,8 +154,17 @@ def setup(run_dir: str | Path) -> Session:
     if plan.is_trial:  # warm up over the trial's own budget, then its full rate to the end (module docstring)
         epochs = min(epochs, math.ceil(plan.trial_max_steps / max(1, steps_per_epoch)))
         warmup, total = int(round(plan.warmup_ratio * plan.trial_max_steps)), None
+    compact = _compact(plan, built.model, train, tokenizer, world)
     model = engine.wrap(built.model)  # before the optimizer: FSDP swaps the parameters for their shards
-    optimizer = make_optimizer(built.model, float(plan.learning_rate), plan.weight_decay, plan.optimizer)
+    optimizer = make_optimizer(
+        built.model,
+        float(plan.learning_rate),
+        plan.weight_decay,
+        plan.optimizer,
+        {compact.weight: compact.rows} if compact else None,
+    )
+    if compact:
+        compact.attach(optimizer)
     scaler = torch.amp.GradScaler("cuda") if (device.startswith("cuda") and plan.precision == "fp16") else None
     s = Session(
         run,
@@ -176,6 +197,7 @@ def setup(run_dir: str | Path) -> Session:
             "epochs_run": 0,
         },
     )
+    s.compact = compact
     _resume(s)
     s.log(
         f"run {run.name}: method {plan.method}, task {plan.task}, device {device}, processes {world} "
@@ -212,7 +234,8 @@ def optimizer_step(s: Session, global_batch: list[int]) -> float:
     s.engine.sum(step_loss)
     if s.scaler:
         s.scaler.unscale_(s.optimizer)
-    torch.nn.utils.clip_grad_norm_([p for p in s.model.parameters() if p.requires_grad], s.plan.max_grad_norm)
+    stepped = [p for g in s.optimizer.param_groups for p in g["params"]]  # the model's, or their stand-ins
+    torch.nn.utils.clip_grad_norm_(stepped, s.plan.max_grad_norm)
     if s.scaler:
         s.scaler.step(s.optimizer), s.scaler.update()
     else:
@@ -224,6 +247,8 @@ def optimizer_step(s: Session, global_batch: list[int]) -> float:
 
 def checkpoint(s: Session) -> None:
     s.state["seconds"] = s.seconds()
+    if s.compact:
+        s.compact.sync()
     weights = s.engine.trainable_state(s.core)  # every process: FSDP gathers the shards
     optimizer_state = s.engine.optimizer_state(s.core, s.optimizer)
     if s.rank == 0:
@@ -303,6 +328,8 @@ def run(run_dir: str | Path, return_model: bool = False):
             continue
         end_of_epoch(s, epoch)
     s.state["seconds"] = s.seconds()
+    if s.compact:
+        s.compact.detach()
     summary = finish_trial(s) if s.plan.is_trial else save_model(s, restore_best(s))
     s.engine.stop()
     return (summary, s.core) if return_model else summary

@@ -25,9 +25,11 @@ def linear_schedule(optimizer, warmup: int, total: int | None):
     return LambdaLR(optimizer, factor)
 
 
-def parameter_groups(model, weight_decay: float) -> list[dict]:
-    """Trainable parameters: matrices with weight decay, biases and norms (1-d) without."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def parameter_groups(model, weight_decay: float, stand_ins: dict | None = None) -> list[dict]:
+    """Trainable parameters: matrices with weight decay, biases and norms (1-d) without. `stand_ins` maps a
+    parameter to the one the optimizer updates in its place (tasks/training/compact_embedding.py)."""
+    swap = {id(k): v for k, v in (stand_ins or {}).items()}
+    params = [swap.get(id(p), p) for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
@@ -35,11 +37,11 @@ def parameter_groups(model, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def make_optimizer(model, lr: float, weight_decay: float, kind: str = "adamw"):
+def make_optimizer(model, lr: float, weight_decay: float, kind: str = "adamw", stand_ins: dict | None = None):
     """The plan's optimizer (plan.optimizer, resolved by the planner) over the model's trainable parameters."""
     import torch
 
-    groups = parameter_groups(model, weight_decay)
+    groups = parameter_groups(model, weight_decay, stand_ins)
     if kind in BNB_OPTIMIZERS:
         import bitsandbytes as bnb
 

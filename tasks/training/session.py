@@ -59,6 +59,7 @@ class Session:
     train_seconds: float = 0.0
     samples: int = 0
     base_seconds: float = 0.0
+    compact: Any = None  # the word embeddings' used rows, when trained compactly (tasks/training/compact_embedding.py)
     attempt_t0: float = field(default_factory=time.perf_counter)
 
     @property
