@@ -198,3 +198,26 @@ def test_a_cached_rerun_through_the_cli_imports_nothing_heavy_and_exits_with_its
     assert again.stdout.rstrip().splitlines()[-1].startswith("  report: ")  # stdout flushed before the fast exit
     failed, s3 = cli("data.text_column=no_such_column")
     assert failed.returncode == 2 and s3["state"] == "Failed" and "no_such_column" in failed.stderr
+
+
+@pytest.mark.parametrize("watched", [False, True])
+def test_the_fast_exit_keeps_the_status_and_stands_aside_for_profilers(watched):
+    """After a flow (Prefect imported) the CLI ends with os._exit and the same status, atexit handlers run first;
+    under a profiler or tracer (cProfile writes its file after the program returns) it exits the usual way."""
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, sys, prefect\n"
+        "atexit.register(lambda: print('atexit ran', flush=True))\n"
+        + ("sys.settrace(lambda *a: None)\n" if watched else "")
+        + "from tasks.cli.app import _exit_without_teardown\n"
+        "_exit_without_teardown(5)\n"
+        "print('returned', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "atexit ran" in done.stdout
+    if watched:
+        assert "returned" in done.stdout and done.returncode == 0
+    else:
+        assert "returned" not in done.stdout and done.returncode == 5

@@ -316,13 +316,15 @@ def _exit_without_teardown(code: int | str | None) -> None:
     """End the process as Python's own exit does (join the non-daemon threads, run every atexit handler: Prefect's
     log and event flushes, logging.shutdown, weakref finalizers; flush stdout and stderr), minus the last step,
     tearing down every imported module one object at a time: 0.2 s after a flow run has loaded Prefect, a tenth of
-    a fully cached rerun. Only after a flow ran (Prefect imported); any other command exits the usual way."""
+    a fully cached rerun. Only after a flow ran (Prefect imported), and never under a profiler, tracer or debugger
+    (cProfile writes its file after the program returns); any other command exits the usual way."""
     import atexit
     import os
     import threading
 
     run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
-    if "prefect" not in sys.modules or run_exitfuncs is None:
+    watched = sys.getprofile() is not None or sys.gettrace() is not None
+    if "prefect" not in sys.modules or run_exitfuncs is None or watched:
         return
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
