@@ -108,8 +108,8 @@ def test_a_dense_checkpoint_resumes_into_compact_rows():
     compact.refresh(opt)
     assert opt.state[compact.rows]["exp_avg"].shape == compact.rows.shape
     # the cut is exact: the dense moments of the rows no batch used were zero
-    full = opt_state["state"][0]["exp_avg"] if opt_state["state"][0]["exp_avg"].shape[0] == VOCAB else None
-    assert full is not None and float(full[[i for i in range(VOCAB) if i not in {0, *USED}]].abs().max()) == 0.0
+    full = opt_state["state"][0]["exp_avg"]  # the word embeddings' moments, dense
+    assert full.shape[0] == VOCAB and float(full[[i for i in range(VOCAB) if i not in {0, *USED}]].abs().max()) == 0.0
 
     _train(dense, opt_dense, batches[3:])
     _train(resumed, opt, batches[3:], compact)

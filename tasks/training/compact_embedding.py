@@ -31,9 +31,9 @@ class CompactEmbedding:
     """The used rows of one embedding as their own parameter, in training; the full matrix everywhere else."""
 
     def __init__(self, embedding: nn.Embedding, used_ids: np.ndarray):
+        """`used_ids`: the used rows, sorted and unique."""
         self.module, self.weight = embedding, embedding.weight
-        ids = torch.as_tensor(np.unique(used_ids), dtype=torch.long, device=self.weight.device)
-        self.ids = ids
+        self.ids = ids = torch.as_tensor(used_ids, dtype=torch.long, device=self.weight.device)
         self.remap = torch.full((embedding.num_embeddings,), -1, dtype=torch.long, device=ids.device)
         self.remap[ids] = torch.arange(len(ids), device=ids.device)
         pad = embedding.padding_idx
@@ -106,8 +106,7 @@ def compact_embedding(model, train_ids: list[list[int]], extra_ids: list[int], s
     out = get_out() if callable(get_out) else None
     if out is not None and getattr(out, "weight", None) is not None and out.weight.data_ptr() == emb.weight.data_ptr():
         return None  # tied to the output layer: every row gets a gradient there
-    lengths = [len(r) for r in train_ids]
-    flat = np.fromiter((t for r in train_ids for t in r), dtype=np.int64, count=sum(lengths))
+    flat = np.fromiter((t for r in train_ids for t in r), dtype=np.int64, count=sum(map(len, train_ids)))
     used = np.unique(np.concatenate([flat, np.asarray(extra_ids, dtype=np.int64)]))
     if len(used) == 0 or used.min() < 0 or used.max() >= emb.num_embeddings:
         return None

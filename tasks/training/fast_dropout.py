@@ -20,6 +20,7 @@ import math
 
 import torch
 from torch import nn
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 ATTENTION = "finetune_cpu_dropout"  # the name this module's attention function is registered under
 _LOW_15 = 0x7FFF
@@ -69,8 +70,6 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     """transformers' SDPA attention; with dropout, SDPA's math path (softmax(q k^T * scaling + mask) v, the
     probabilities dropped out) with the cheaper mask. Cases that path does not cover here (a causal model without
     a materialized mask, position bias, softcap, attention weights asked for) go to SDPA unchanged."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
     plain = not any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux", "sinks"))
     if dropout <= 0.0 or dropout >= 1.0 or (causal and attention_mask is None) or not plain:

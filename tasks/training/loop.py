@@ -196,8 +196,8 @@ def setup(run_dir: str | Path) -> Session:
             "seconds": 0.0,
             "epochs_run": 0,
         },
+        compact=compact,
     )
-    s.compact = compact
     _resume(s)
     s.log(
         f"run {run.name}: method {plan.method}, task {plan.task}, device {device}, processes {world} "
